@@ -1,0 +1,165 @@
+"""Generation: prefill once (text KV cache + visual K/V of every hyper layer), then decode token by token.
+
+The visual K/V are computed once per request in the prefill and reused for every generated token;
+the official code recomputes `input_layernorm(V)` and `v_kv_proj` at every step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hyperowl.engine.cache import TextKVCache, VisualKV
+from hyperowl.engine.sampling import SamplingParams, sample_row
+
+if TYPE_CHECKING:
+    from hyperowl.model.owl3 import Owl3ForCausalLM
+
+
+@dataclass
+class GenerationOutput:
+    """`sequences` `[B, L]`: generated ids per row (rows that stopped early are filled with their stop id);
+    `num_generated[b]` counts row b's tokens including its stop token; timings in seconds."""
+
+    sequences: torch.Tensor
+    num_generated: list[int]
+    prompt_tokens: int
+    first_token_s: float
+    total_s: float
+    cache: TextKVCache | None = field(default=None, repr=False)
+    visual: VisualKV | None = field(default=None, repr=False)
+
+
+def default_stop_ids(model: "Owl3ForCausalLM") -> list[int]:
+    eos = model.config.eos_token_id
+    return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+
+
+def make_params(params: SamplingParams | None, **kwargs: Any) -> SamplingParams:
+    """`SamplingParams` from an object or from transformers-style keyword arguments."""
+    if params is not None:
+        return params
+    known = {k: v for k, v in kwargs.items() if k in SamplingParams.__dataclass_fields__ and v is not None}
+    return SamplingParams(**known)
+
+
+@torch.inference_mode()
+def stream_tokens(
+    model: "Owl3ForCausalLM",
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    media_offset: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    params: SamplingParams | None = None,
+    stop_token_ids: list[int] | None = None,
+    cache: TextKVCache | None = None,
+    visual: VisualKV | None = None,
+    vision_chunk_size: int | None = None,
+    state: dict[str, Any] | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row `[B]` at each step until all rows stop or the budget is used.
+
+    With `cache`/`visual` from an earlier turn, `input_ids` continue that conversation. `state`
+    (a dict) receives `cache`, `visual`, `first_token_s` so callers can keep them for the next turn.
+    A row's stop token is yielded; afterwards the row repeats it (and is ignored by callers).
+    """
+    params = params or SamplingParams()
+    device = model.device
+    input_ids = input_ids.to(device)
+    batch, prompt_len = input_ids.shape
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+    stops = torch.tensor(stop_token_ids if stop_token_ids is not None else default_stop_ids(model), device=device)
+    if cache is None:
+        cache = model.new_cache(batch, prompt_len + params.max_new_tokens)
+    else:
+        cache.reserve(prompt_len + params.max_new_tokens)
+    state = {} if state is None else state
+    start = time.perf_counter()
+    out = model(
+        input_ids,
+        attention_mask=attention_mask,
+        media_offset=None if media_offset is None else media_offset.to(device),
+        pixel_values=pixel_values,
+        cache=cache,
+        visual=visual,
+        logits_to_keep=1,
+        vision_chunk_size=vision_chunk_size,
+    )
+    state.update(cache=cache, visual=out.visual)
+    generator = params.generator(device)
+    history = [input_ids[b][attention_mask[b].bool()] for b in range(batch)]
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    last = torch.zeros(batch, dtype=torch.long, device=device)
+    logits = out.logits[:, -1]
+    for step in range(params.max_new_tokens):
+        chosen = torch.tensor(
+            [sample_row(logits[b], params, history[b], generator) for b in range(batch)], dtype=torch.long, device=device
+        )
+        token = torch.where(finished, last, chosen)
+        if step == 0:
+            state["first_token_s"] = time.perf_counter() - start
+        yield token
+        last = token
+        finished |= torch.isin(token, stops)
+        if bool(finished.all()) or step == params.max_new_tokens - 1:
+            break
+        if params.repetition_penalty != 1.0:
+            history = [torch.cat([h, token[b : b + 1]]) for b, h in enumerate(history)]
+        logits = model(token[:, None], cache=cache, visual=out.visual, logits_to_keep=1).logits[:, -1]
+
+
+def generate(
+    model: "Owl3ForCausalLM",
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    media_offset: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    params: SamplingParams | None = None,
+    stop_token_ids: list[int] | None = None,
+    cache: TextKVCache | None = None,
+    visual: VisualKV | None = None,
+    vision_chunk_size: int | None = None,
+    **sampling: Any,
+) -> GenerationOutput:
+    """Generate for a processor batch. Sampling options as keywords (`max_new_tokens`, `do_sample`,
+    `temperature`, `top_p`, `top_k`, `repetition_penalty`, `seed`) or as `params`."""
+    params = make_params(params, **sampling)
+    stops = stop_token_ids if stop_token_ids is not None else default_stop_ids(model)
+    state: dict[str, Any] = {}
+    start = time.perf_counter()
+    steps = list(
+        stream_tokens(model, input_ids, attention_mask, media_offset, pixel_values, params, stops, cache, visual, vision_chunk_size, state)
+    )
+    sequences = torch.stack(steps, dim=1)
+    stop_hits = torch.isin(sequences, torch.tensor(stops, device=sequences.device)).long()
+    first_stop = torch.where(stop_hits.any(1), stop_hits.argmax(1) + 1, torch.full_like(stop_hits[:, 0], sequences.shape[1]))
+    return GenerationOutput(
+        sequences=sequences,
+        num_generated=first_stop.tolist(),
+        prompt_tokens=input_ids.shape[1],
+        first_token_s=state.get("first_token_s", 0.0),
+        total_s=time.perf_counter() - start,
+        cache=state["cache"],
+        visual=state["visual"],
+    )
+
+
+class TextStream:
+    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8 characters."""
+
+    def __init__(self, decode: Any) -> None:
+        self.decode = decode
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.emitted = text[len(self.emitted) :], text
+        return piece

@@ -1,0 +1,138 @@
+"""Read and write official mPLUG-Owl3 checkpoint directories (config.json + safetensors).
+
+Tensors are read memory-mapped with `safetensors.safe_open` straight to the target device and dtype;
+pickled `*.bin` checkpoints are refused. Every mismatch (unknown or missing tensor, wrong shape) is
+reported by name before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hyperowl.config import Owl3Config
+from hyperowl.errors import CheckpointError
+from hyperowl.model.owl3 import Owl3ForCausalLM
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Tensors some official files carry that the model never uses: SigLIP's pooling head (features are
+# hidden_states[-2]) and rotary inverse frequencies saved by old transformers versions.
+IGNORED = re.compile(r"^vision_model\.head\.|\.rotary_emb\.inv_freq$")
+GATE = re.compile(r"\.self_attn\.gate_proj\.0\.weight$")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, config: Owl3Config) -> torch.dtype:
+    """`None`/"auto" -> the checkpoint's `torch_dtype` (float32 if unset); strings like "bf16" accepted."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = {None: config.torch_dtype or "float32", "auto": config.torch_dtype or "float32", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
+    if name not in DTYPES:
+        raise CheckpointError(f"unsupported dtype {dtype!r}; use one of float32, bfloat16, float16")
+    return DTYPES[name]
+
+
+def tensor_files(path: Path) -> dict[str, Path]:
+    """Map every tensor name to the safetensors file holding it."""
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+        if missing:
+            raise CheckpointError(f"{index} names shard files that are missing: {missing}")
+        return {name: path / file for name, file in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in path.glob("*.bin"))
+        hint = f" (found pickle files {pickled}; convert them to safetensors)" if pickled else ""
+        raise CheckpointError(f"no *.safetensors weights in {path}{hint}")
+    out: dict[str, Path] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            out.update({name: file for name in f.keys()})
+    return out
+
+
+def check_names_and_shapes(model: Owl3ForCausalLM, shapes: dict[str, tuple[int, ...]]) -> None:
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    optional = {"language_model.lm_head.weight"} if model.config.tie_word_embeddings else set()
+    unknown = sorted(n for n in shapes if n not in expected and not IGNORED.search(n))
+    missing = sorted(n for n in expected if n not in shapes and n not in optional)
+    wrong = sorted(f"{n}: checkpoint {list(shapes[n])} vs model {list(s)}" for n, s in expected.items() if n in shapes and shapes[n] != s)
+    problems = []
+    for label, items in (("unknown tensors", unknown), ("missing tensors", missing), ("wrong shapes", wrong)):
+        if items:
+            more = f" ... and {len(items) - 10} more" if len(items) > 10 else ""
+            problems.append(f"{label} ({len(items)}): {items[:10]}{more}")
+    if problems:
+        raise CheckpointError("checkpoint does not match the config: " + "; ".join(problems))
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu") -> Owl3ForCausalLM:
+    path = Path(path)
+    config = Owl3Config.from_pretrained(path)
+    files = tensor_files(path)
+    if config.fused_hyper_attention is None:
+        # 7B-240728 has a gate per hyper layer; 7B-241101 fuses visual and text K/V and has none (SPEC §2).
+        config.fused_hyper_attention = not any(GATE.search(n) for n in files)
+    target = resolve_dtype(dtype, config)
+    with torch.device("meta"):
+        model = Owl3ForCausalLM(config)
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt") as f:
+            shapes.update({n: tuple(f.get_slice(n).get_shape()) for n in names})
+    check_names_and_shapes(model, shapes)
+    expected = model.state_dict().keys()
+    state: dict[str, torch.Tensor] = {}
+    device_name = str(torch.device(device))
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt", device=device_name) as f:
+            for n in names:
+                if n in expected:
+                    state[n] = f.get_tensor(n).to(target)
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    return model.eval()
+
+
+def save_checkpoint(model: Owl3ForCausalLM, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    state = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("language_model.lm_head.weight", None)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    for stale in [*path.glob("model*.safetensors"), path / INDEX_FILE]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        save_file(shards[0], path / SINGLE_FILE, metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path / name, metadata={"format": "pt"})
+        weight_map.update({n: name for n in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")

@@ -1,0 +1,223 @@
+"""`Owl3ForCausalLM`: vision tower + projector + hyper Qwen2 decoder (official `mPLUGOwl3Model` layout)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hyperowl.config import Owl3Config
+from hyperowl.engine.cache import TextKVCache, VisualKV
+from hyperowl.errors import PromptError
+from hyperowl.model.decoder import HyperQwen2ForCausalLM, StepContext, rotary_cos_sin
+from hyperowl.model.vision import SiglipVisionTower
+
+if TYPE_CHECKING:
+    from hyperowl.engine.generate import GenerationOutput
+
+
+@dataclass
+class Owl3Output:
+    """`logits` `[B, T, vocab]` (or only the last `logits_to_keep` positions); `loss` when labels were given;
+    `visual` the visual K/V used (reuse it for later steps of the same requests)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    visual: VisualKV | None = None
+
+
+def image_rows(media_offset: torch.Tensor, num_images: int) -> list[range]:
+    """Global image indices of each row: row b owns `[first_b, first_{b+1})`, the last row up to `num_images`."""
+    firsts = media_offset[:, 0, 0].tolist()
+    ends = firsts[1:] + [num_images]
+    if any(e < f for f, e in zip(firsts, ends)) or (firsts and firsts[0] != 0):
+        raise PromptError(f"media_offset rows do not partition the {num_images} images: row starts {firsts}")
+    return [range(f, e) for f, e in zip(firsts, ends)]
+
+
+def image_positions(counts: torch.Tensor, position_ids: torch.Tensor, first_local: int, num_local: int) -> torch.Tensor:
+    """MI-Rope position of each image of one row (SPEC §2.4): the position just after its `<|image|>` token.
+
+    `counts` `[T]`: images visible to each token (non-decreasing, strictly-before rule);
+    `position_ids` `[T]`. Local images `first_local .. first_local + num_local - 1` -> positions `[num_local]`.
+    The `<|image|>` token of image k sits just before the first token whose count exceeds k; if no token
+    does, it is the last token.
+    """
+    wanted = torch.arange(first_local, first_local + num_local, device=counts.device)
+    after = torch.searchsorted(counts.contiguous(), wanted, right=True)
+    if num_local > 1 and bool((after[:-1] >= counts.shape[0]).any()):
+        raise PromptError(f"the prompt has fewer <|image|> tokens than its {first_local + num_local} images")
+    return position_ids[after - 1] + 1
+
+
+class Owl3ForCausalLM(nn.Module):
+    """mPLUG-Owl3 for generation and training; `forward(**processor_batch)` -> `Owl3Output`."""
+
+    def __init__(self, config: Owl3Config) -> None:
+        super().__init__()
+        self.config = config
+        fused = bool(config.fused_hyper_attention)
+        self.vision_model = SiglipVisionTower(config.vision_config)
+        self.vision2text_model = nn.Linear(config.vision_config.hidden_size, config.hidden_size, bias=True)
+        self.language_model = HyperQwen2ForCausalLM(config, fused)
+
+    @property
+    def device(self) -> torch.device:
+        return self.vision2text_model.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vision2text_model.weight.dtype
+
+    def encode_images(self, pixel_values: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """`pixel_values` `[N, 3, S, S]` -> projected image features `[N, tokens_per_image, H]`, `chunk_size` images at a time."""
+        chunk = chunk_size or max(1, pixel_values.shape[0])
+        parts = [
+            self.vision2text_model(self.vision_model(pixel_values[i : i + chunk].to(self.device, self.dtype)))
+            for i in range(0, pixel_values.shape[0], chunk)
+        ]
+        return torch.cat(parts)
+
+    def build_visual_kv(
+        self,
+        image_embeds: torch.Tensor,
+        rows: list[range],
+        positions: list[torch.Tensor],
+    ) -> VisualKV:
+        """Visual K/V of every hyper layer for each row (SPEC §2.1-2.4), computed once per request.
+
+        `image_embeds` `[N, P, H]`; row b's images are `image_embeds[rows[b]]` at MI-Rope positions
+        `positions[b]` `[len(rows[b])]`.
+        """
+        n_max = max((len(r) for r in rows), default=0)
+        p = image_embeds.shape[1]
+        batch = len(rows)
+        padded = image_embeds.new_zeros(batch, n_max * p, image_embeds.shape[2])
+        pos = torch.zeros(batch, n_max * p, dtype=torch.long, device=image_embeds.device)
+        for b, r in enumerate(rows):
+            padded[b, : len(r) * p] = image_embeds[r.start : r.stop].flatten(0, 1)
+            pos[b, : len(r) * p] = positions[b].repeat_interleave(p)
+        cos, sin = rotary_cos_sin(pos, self.config.head_dim, self.config.rope_theta, image_embeds.dtype)
+        keys, values = [], []
+        for layer in self.language_model.model.hyper_layers:
+            k, v = layer.self_attn.visual_kv(layer.input_layernorm(padded), cos, sin)
+            keys.append(k)
+            values.append(v)
+        num_images = torch.tensor([len(r) for r in rows], dtype=torch.long, device=image_embeds.device)
+        return VisualKV(keys, values, num_images, p)
+
+    def prepare_visual(
+        self,
+        pixel_values: torch.Tensor,
+        media_offset: torch.Tensor,
+        position_ids: torch.Tensor,
+        previous: VisualKV | None = None,
+        chunk_size: int | None = None,
+    ) -> VisualKV:
+        """Encode `pixel_values` and build their visual K/V; with `previous` (an earlier turn of the same
+        conversations, batch 1) the new images are appended after the cached ones."""
+        if previous is None:
+            rows = image_rows(media_offset, pixel_values.shape[0])
+            first_local = [0] * len(rows)
+        else:
+            if media_offset.shape[0] != 1:
+                raise PromptError("adding images to a cached conversation is supported one conversation at a time")
+            rows = [range(0, pixel_values.shape[0])]
+            first_local = [int(previous.num_images[0])]
+        counts = media_offset[..., 1] - media_offset[..., 0]
+        positions = [image_positions(counts[b], position_ids[b], first_local[b], len(r)) for b, r in enumerate(rows)]
+        visual = self.build_visual_kv(self.encode_images(pixel_values, chunk_size), rows, positions)
+        return visual if previous is None else previous.extend(visual)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        media_offset: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cache: TextKVCache | None = None,
+        visual: VisualKV | None = None,
+        logits_to_keep: int = 0,
+        vision_chunk_size: int | None = None,
+        **unused: Any,
+    ) -> Owl3Output:
+        """One forward over `input_ids` `[B, T]`.
+
+        `media_offset` `[B, T, 2]` (SPEC §3) says which images each token sees; without it, every token
+        sees all images of its row (the decode rule). `cache` is updated in place; `visual` is reused
+        (new `pixel_values` are appended to it, encoded `vision_chunk_size` images at a time).
+        `labels` `[B, T]` (-100 = ignore) give a shifted CE loss. Extra batch keys are ignored.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        device = input_ids.device
+        if cache is not None:
+            start = cache.positions[:, None]
+            cache.begin_step(attention_mask)
+            key_valid = cache.valid[:, : cache.length + input_ids.shape[1]]
+        else:
+            start = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=device)
+            key_valid = attention_mask.bool()
+        position_ids = start + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if pixel_values is not None:
+            if media_offset is None:
+                raise PromptError("pixel_values were given without media_offset")
+            visual = self.prepare_visual(pixel_values, media_offset, position_ids, visual, vision_chunk_size)
+
+        t, k_len = input_ids.shape[1], key_valid.shape[1]
+        query_col = torch.arange(k_len - t, k_len, device=device)[:, None]
+        key_col = torch.arange(k_len, device=device)[None, :]
+        self_mask = ((key_col <= query_col) & key_valid[:, None, :]) | (key_col == query_col)
+        cross_mask = has_image = None
+        if visual is not None and self.language_model.model.hyper_layers:
+            n_vis = visual.keys[0].shape[2]
+            image_of_token = torch.arange(n_vis, device=device) // visual.tokens_per_image
+            if media_offset is not None:
+                counts = (media_offset[..., 1] - media_offset[..., 0]).to(device)
+            else:
+                counts = visual.num_images[:, None].expand(-1, t)
+            cross_mask = (image_of_token[None, None, :] < counts[:, :, None])[:, None]
+            has_image = (counts > 0)[:, None, :, None]
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, self.dtype)
+        ctx = StepContext(cos, sin, self_mask[:, None], cache, visual, cross_mask, has_image)
+        hidden = self.language_model.model(input_ids, ctx)
+        if cache is not None:
+            cache.end_step(attention_mask)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.language_model.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(device), ignore_index=-100)
+        return Owl3Output(logits=logits, loss=loss, visual=visual)
+
+    def new_cache(self, batch: int, capacity: int) -> TextKVCache:
+        cfg = self.config
+        return TextKVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, capacity, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> "GenerationOutput":
+        """Generate from a processor batch; see `hyperowl.engine.generate.generate` for the options."""
+        from hyperowl.engine.generate import generate
+
+        return generate(self, input_ids=input_ids, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu"
+    ) -> "Owl3ForCausalLM":
+        """Load an official-format checkpoint directory (config.json + safetensors, sharded or not)."""
+        from hyperowl.model.checkpoint import load_checkpoint
+
+        return load_checkpoint(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+        """Write config.json and safetensors shards (with an index when sharded) in the official layout."""
+        from hyperowl.model.checkpoint import save_checkpoint
+
+        save_checkpoint(self, path, max_shard_bytes=max_shard_bytes)
