@@ -126,6 +126,8 @@ class Owl3Config:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Owl3Config":
         file = Path(path) / "config.json"
+        if not Path(path).is_dir():
+            raise CheckpointError(f"checkpoint directory {path} does not exist")
         if not file.is_file():
             raise CheckpointError(f"no config.json in {path}")
         try:

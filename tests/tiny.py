@@ -28,3 +28,21 @@ def random_model(config: Owl3Config | None = None, seed: int = 0) -> Owl3ForCaus
             else:
                 p.normal_(0, 0.15)
     return model.eval()
+
+
+CORPUS = [
+    "What colour is the square? The square is red. Describe the picture. A blue circle on a white background.",
+    "Which picture shows a green triangle? Picture 3. What happened first in the video? The red square appeared.",
+    "Cut to rows columns with a global view subimg global_view 0 1 2 3 4 5 6 7 8 9 yes no",
+] * 20
+
+
+def save_tiny_checkpoint(path, seed: int = 0, **config_overrides) -> None:
+    """A complete checkpoint directory: config.json, model.safetensors and tokenizer files."""
+    from hyperowl.processing.tokenizer import ENDOFTEXT, IM_END, train_tokenizer
+
+    tokenizer = train_tokenizer(CORPUS, vocab_size=400)
+    stops = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
+    config = tiny_config(vocab_size=len(tokenizer), eos_token_id=stops, **config_overrides)
+    random_model(config, seed).save_pretrained(path)
+    tokenizer.save_pretrained(str(path))

@@ -47,7 +47,7 @@ def make_params(params: SamplingParams | None, **kwargs: Any) -> SamplingParams:
     return SamplingParams(**known)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def stream_tokens(
     model: "Owl3ForCausalLM",
     input_ids: torch.Tensor,
@@ -161,5 +161,11 @@ class TextStream:
         text = self.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""
+        piece, self.emitted = text[len(self.emitted) :], text
+        return piece
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        text = self.decode(self.ids)
         piece, self.emitted = text[len(self.emitted) :], text
         return piece

@@ -1,0 +1,61 @@
+"""The `hyperowl` command: one subcommand per task (`chat`, `serve`, `train`, `eval`)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from hyperowl.errors import HyperowlError
+
+# subcommand -> module providing `add_arguments(parser)` and `run(args) -> int`
+COMMANDS = {
+    "chat": "hyperowl.chat_cli",
+}
+
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "default-model"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--model/--dtype/--device`, shared by every subcommand that loads a model."""
+    parser.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the bundled small model)")
+    parser.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (checkpoint's own)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def load_model_and_processor(args: argparse.Namespace, **processor_overrides):
+    """The model and processor named by `add_model_arguments`' flags."""
+    import torch
+
+    from hyperowl.model.owl3 import Owl3ForCausalLM
+    from hyperowl.processing.processor import Owl3Processor
+
+    path = args.model or DEFAULT_MODEL
+    if args.model is None and not (DEFAULT_MODEL / "config.json").is_file():
+        raise HyperowlError(f"no --model given and the bundled default model is missing ({DEFAULT_MODEL})")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = Owl3ForCausalLM.from_pretrained(path, dtype=args.dtype, device=device)
+    return model, Owl3Processor.from_pretrained(path, **processor_overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hyperowl", description="mPLUG-Owl3: chat, serve, train and evaluate.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    modules = {}
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        modules[name] = module
+        module.add_arguments(sub.add_parser(name, help=module.__doc__.strip().splitlines()[0], description=module.__doc__))
+    args = parser.parse_args(argv)
+    try:
+        return modules[args.command].run(args) or 0
+    except HyperowlError as exc:
+        print(f"hyperowl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

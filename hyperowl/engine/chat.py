@@ -1,0 +1,113 @@
+"""Multi-turn chat over one conversation, reusing the text KV prefix and the visual K/V between turns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hyperowl.engine.cache import TextKVCache, VisualKV
+from hyperowl.engine.generate import TextStream, stream_tokens
+from hyperowl.engine.sampling import SamplingParams
+from hyperowl.model.owl3 import Owl3ForCausalLM
+from hyperowl.processing.processor import Owl3Processor
+from hyperowl.processing.video import load_video
+
+
+class ChatSession:
+    """A conversation with one model. Each `ask` sends only what is new to the model:
+
+    the tokens after the longest prefix already in the text KV cache, and the images not yet encoded
+    (their visual K/V are appended to the cached ones). Videos are decoded once and kept as frames.
+    """
+
+    def __init__(
+        self,
+        model: Owl3ForCausalLM,
+        processor: Owl3Processor,
+        system: str | None = None,
+        params: SamplingParams | None = None,
+        vision_chunk_size: int | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.params = params or SamplingParams()
+        self.vision_chunk_size = vision_chunk_size
+        self.progress = progress
+        self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+        self.images: list[Any] = []
+        self.videos: list[Any] = []
+        self.cache: TextKVCache | None = None
+        self.visual: VisualKV | None = None
+        self.cached_ids: torch.Tensor = torch.zeros(0, dtype=torch.long)
+        self.encoded_images = 0
+        self.last_stats: dict[str, float] = {}
+
+    def ask_stream(self, text: str, images: list[Any] | None = None, videos: list[Any] | None = None) -> Iterator[str]:
+        """Add a user turn (`<|image|>`/`<|video|>` placeholders are prepended when the text has none)
+        and yield the answer in text pieces as it is generated."""
+        images, videos = list(images or []), list(videos or [])
+        prefix = "<|image|>" * (len(images) - text.count("<|image|>")) + "<|video|>" * (len(videos) - text.count("<|video|>"))
+        videos = [
+            load_video(v, fps=self.processor.video_fps, max_frames=self.processor.max_frames, progress=self.progress)
+            if isinstance(v, (str, Path))
+            else v
+            for v in videos
+        ]
+        messages = [*self.messages, {"role": "user", "content": prefix + text}]
+        batch = self.processor(messages, images=(self.images + images) or None, videos=(self.videos + videos) or None)
+        # Bad input raised above; only now does the conversation take the new turn.
+        self.messages, self.images, self.videos = messages, self.images + images, self.videos + videos
+        ids = batch["input_ids"][0]
+        shared = self._shared_prefix(ids)
+        if self.cache is not None:
+            self.cache.truncate(shared)
+        pixels = batch["pixel_values"]
+        new_pixels = None if pixels is None or pixels.shape[0] == self.encoded_images else pixels[self.encoded_images :]
+        state: dict[str, Any] = {}
+        stream = TextStream(lambda ids_: self.processor.decode(ids_, skip_special_tokens=True))
+        answer_ids: list[int] = []
+        stops = set(self.processor.stop_token_ids)
+        for token in stream_tokens(
+            self.model,
+            ids[shared:][None],
+            media_offset=batch["media_offset"][:, shared:],
+            pixel_values=new_pixels,
+            params=self.params,
+            stop_token_ids=list(stops),
+            cache=self.cache,
+            visual=self.visual,
+            vision_chunk_size=self.vision_chunk_size,
+            state=state,
+        ):
+            tok = int(token[0])
+            answer_ids.append(tok)
+            if tok in stops:
+                break
+            piece = stream.push(tok)
+            if piece:
+                yield piece
+        tail = stream.flush()
+        if tail:
+            yield tail
+        self.cache, self.visual = state["cache"], state["visual"]
+        self.encoded_images = 0 if pixels is None else pixels.shape[0]
+        # The cache holds the prompt and every answer token but the last one sampled.
+        self.cached_ids = torch.cat([ids, torch.tensor(answer_ids[:-1], dtype=torch.long)])
+        self.last_stats = {"first_token_s": state.get("first_token_s", 0.0), "prompt_tokens": len(ids) - shared, "new_tokens": len(answer_ids)}
+        self.messages.append({"role": "assistant", "content": stream.emitted})
+
+    def ask(self, text: str, images: list[Any] | None = None, videos: list[Any] | None = None) -> str:
+        """`ask_stream`, joined."""
+        return "".join(self.ask_stream(text, images, videos))
+
+    def _shared_prefix(self, ids: torch.Tensor) -> int:
+        """Length of the longest common prefix with the cached tokens, leaving at least one new token."""
+        n = min(len(self.cached_ids), len(ids) - 1)
+        if n <= 0:
+            return 0
+        diff = (self.cached_ids[:n] != ids[:n]).nonzero()
+        return int(diff[0]) if len(diff) else n

@@ -1,0 +1,178 @@
+"""Image loading, shape-adaptive cutting ("cut") and conversion to normalised pixel tensors.
+
+An image with cutting enabled becomes ``rows * cols`` tiles (row-major) plus one global view, each
+``cell x cell`` pixels, and its single ``<|image|>`` placeholder becomes :func:`cut_placeholder`.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hyperowl.errors import MediaError
+from hyperowl.processing.tokenizer import IMAGE_TOKEN
+
+ImageSource = Union[str, Path, bytes, Image.Image, np.ndarray]
+
+#: Default pixel cap (width * height). PIL itself refuses images above twice its
+#: ``Image.MAX_IMAGE_PIXELS`` at open time; that refusal is reported as a MediaError too.
+DEFAULT_MAX_PIXELS = 178_956_970
+
+#: Anchors (rows, cols) of the official ``grid_squ_6`` set, in the official order (ties go to the first).
+GRID_SQU_6: tuple[tuple[int, int], ...] = ((2, 2), (1, 3), (1, 4), (3, 1), (4, 1), (2, 3), (3, 2))
+
+#: Normalisation of the SigLIP vision tower: ``(x / 255 - mean) / std`` per channel.
+IMAGE_MEAN = 0.5
+IMAGE_STD = 0.5
+
+# The official code adds this to IoU unions (it only matters for ties). verify
+_IOU_EPS = 1e-5
+
+
+def _check_pixels(width: int, height: int, max_pixels: int, name: str) -> None:
+    if width * height > max_pixels:
+        raise MediaError(f"image too large: {name} is {width} x {height} pixels > limit of {max_pixels} pixels")
+
+
+def _array_to_image(array: np.ndarray) -> Image.Image:
+    """Convert an ``[H, W]`` or ``[H, W, C]`` (C in 1, 3, 4) uint8 or float-in-[0, 1] array to a PIL image."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise MediaError(f"image array must have shape [H, W] or [H, W, C] with C in 1, 3, 4; got {tuple(array.shape)}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise MediaError(f"image array is empty: shape {tuple(array.shape)}")
+    if np.issubdtype(array.dtype, np.floating):
+        array = np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise MediaError(f"image array must be uint8 or floating point in [0, 1]; got dtype {array.dtype}")
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Load an image as RGB.
+
+    Args:
+        src: a file path, encoded file bytes, a PIL image, or a numpy array (``[H, W]`` or
+            ``[H, W, C]``, uint8 or float in [0, 1]).
+        max_pixels: largest accepted ``width * height``; checked from the file header before decoding.
+
+    Raises:
+        MediaError: missing file, undecodable/corrupt data, too many pixels, or a bad array shape/dtype.
+    """
+    if isinstance(src, Image.Image):
+        _check_pixels(src.width, src.height, max_pixels, "image")
+        return src.convert("RGB")
+    if isinstance(src, np.ndarray):
+        image = _array_to_image(src)
+        _check_pixels(image.width, image.height, max_pixels, "image array")
+        return image.convert("RGB")
+    if isinstance(src, (bytes, bytearray)):
+        name, fp = "<bytes>", io.BytesIO(src)
+    elif isinstance(src, (str, Path)):
+        path = Path(src)
+        if not path.is_file():
+            raise MediaError(f"image file not found: {path}")
+        name, fp = str(path), path
+    else:
+        raise MediaError(f"unsupported image source type {type(src).__name__}")
+    try:
+        with warnings.catch_warnings():
+            # Our own max_pixels check below replaces PIL's warning threshold.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(fp) as image:
+                _check_pixels(image.width, image.height, max_pixels, name)
+                image.load()
+                return image.convert("RGB")
+    except MediaError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise MediaError(f"image too large: {name}: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise MediaError(f"cannot decode image {name}: {exc}") from exc
+
+
+def _iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """IoU of two ``(x1, y1, x2, y2)`` boxes, with the official epsilon in the union."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / (union + _IOU_EPS)
+
+
+def select_cut_anchor(
+    width: int, height: int, cell: int, anchors: Sequence[tuple[int, int]] = GRID_SQU_6
+) -> tuple[int, int]:
+    """Choose the cut grid ``(rows, cols)`` for a ``width x height`` image: shape first, resolution second.
+
+    score = 100 * IoU(anchor box, shape box) + IoU(anchor box, image box), with the anchor box
+    ``(0, 0, cols * cell, rows * cell)`` and the image box ``(0, 0, width, height)``.
+    verify: the shape box keeps the anchor's width and takes the image's aspect ratio,
+    ``(0, 0, cols * cell, cols * cell * height / width)``, as in the official ``anchor_rank``
+    (mPLUG-Owl / UReader shape-adaptive cropping). The first anchor with the highest score wins.
+    """
+    if width <= 0 or height <= 0:
+        raise MediaError(f"image has no pixels: {width} x {height}")
+    image_box = (0.0, 0.0, float(width), float(height))
+    best, best_score = anchors[0], float("-inf")
+    for rows, cols in anchors:
+        anchor_w, anchor_h = float(cols * cell), float(rows * cell)
+        anchor_box = (0.0, 0.0, anchor_w, anchor_h)
+        shape_box = (0.0, 0.0, anchor_w, anchor_w * height / width)
+        score = 100.0 * _iou(anchor_box, shape_box) + _iou(anchor_box, image_box)
+        if score > best_score:
+            best, best_score = (rows, cols), score
+    return best
+
+
+def cut_image(image: Image.Image, cell: int) -> tuple[list[Image.Image], tuple[int, int]]:
+    """Cut an image into tiles plus a global view.
+
+    The image is resized (bicubic) to ``rows*cell`` high by ``cols*cell`` wide for the anchor of
+    :func:`select_cut_anchor` and cut row-major into ``cell x cell`` tiles.
+
+    Returns:
+        ``(views, (rows, cols))`` where ``views`` holds ``rows * cols`` tiles (tile ``(i, j)`` at
+        index ``i * cols + j``) followed by the global view (the whole image resized to ``cell x cell``).
+    """
+    rows, cols = select_cut_anchor(image.width, image.height, cell)
+    resized = image.resize((cols * cell, rows * cell), Image.Resampling.BICUBIC)
+    views = [
+        resized.crop((j * cell, i * cell, (j + 1) * cell, (i + 1) * cell)) for i in range(rows) for j in range(cols)
+    ]
+    views.append(image.resize((cell, cell), Image.Resampling.BICUBIC))
+    return views, (rows, cols)
+
+
+def cut_placeholder(rows: int, cols: int) -> str:
+    """Text that replaces a cut image's ``<|image|>``: one ``<|image|>`` per tile, then the global view's.
+
+    verify: tile indices are 0-based ``subimg(row,col)`` as in the official ``range(h)``/``range(w)`` template.
+    """
+    grid = "\n".join(" ".join(f"subimg({i},{j}){IMAGE_TOKEN}" for j in range(cols)) for i in range(rows))
+    return f"Cut to {rows} rows {cols} columns with a global view\n{grid}\nglobal_view{IMAGE_TOKEN}"
+
+
+def image_to_tensor(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """Resize (bicubic, skipped when already ``size x size``) and normalise RGB images.
+
+    Returns:
+        float32 tensor ``[n, 3, size, size]`` with values ``(x / 255 - 0.5) / 0.5`` in [-1, 1].
+    """
+    if not images:
+        return torch.empty(0, 3, size, size, dtype=torch.float32)
+    arrays = []
+    for image in images:
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
+        arrays.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    return (pixels - IMAGE_MEAN) / IMAGE_STD

@@ -1,0 +1,125 @@
+"""Multi-turn chat reuse and the `hyperowl chat` command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from hyperowl import Owl3ForCausalLM, Owl3Processor
+from hyperowl.cli import main
+from hyperowl.engine.chat import ChatSession
+from hyperowl.engine.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def owl(tiny_checkpoint):
+    return Owl3ForCausalLM.from_pretrained(tiny_checkpoint), Owl3Processor.from_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture()
+def pictures(tmp_path):
+    paths = []
+    for i, (size, colour) in enumerate([((40, 30), "red"), ((20, 60), "blue")]):
+        path = tmp_path / f"pic{i}.png"
+        Image.new("RGB", size, colour).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def fresh_answer(model, processor, messages, images, max_new_tokens):
+    batch = processor(messages, images=images or None)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, stop_token_ids=processor.stop_token_ids)
+    ids = out.sequences[0, : out.num_generated[0]].tolist()
+    return processor.decode([i for i in ids if i not in processor.stop_token_ids], skip_special_tokens=True)
+
+
+def count_visual_projections(model):
+    calls = [0]
+    hooks = [
+        layer.self_attn.v_kv_proj.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        for layer in model.language_model.model.hyper_layers
+    ]
+    return calls, hooks
+
+
+def test_multi_turn_reuses_caches_and_equals_fresh_runs(owl, pictures):
+    model, processor = owl
+    session = ChatSession(model, processor, params=SamplingParams(max_new_tokens=6))
+    calls, hooks = count_visual_projections(model)
+    first = session.ask("What colour is the square?", images=[pictures[0]])
+    assert calls[0] == len(hooks)
+    for h in hooks:
+        h.remove()
+    messages = [{"role": "user", "content": "<|image|>What colour is the square?"}]
+    assert first == fresh_answer(model, processor, messages, [pictures[0]], 6)
+    full_prompt = session.cached_ids.shape[0]
+
+    calls, hooks = count_visual_projections(model)
+    second = session.ask("Describe the picture.")
+    assert calls[0] == 0  # no new image: the cached visual K/V serve the second turn
+    assert session.last_stats["prompt_tokens"] < full_prompt // 2
+    for h in hooks:
+        h.remove()
+    messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "Describe the picture."}]
+    assert second == fresh_answer(model, processor, messages, [pictures[0]], 6)
+
+    calls, hooks = count_visual_projections(model)
+    third = session.ask("And this one?", images=[pictures[1]])
+    assert calls[0] == len(hooks)  # only the new image is encoded, once
+    for h in hooks:
+        h.remove()
+    messages += [{"role": "assistant", "content": second}, {"role": "user", "content": "<|image|>And this one?"}]
+    assert third == fresh_answer(model, processor, messages, pictures, 6)
+
+
+def test_bad_turn_leaves_the_session_usable(owl, pictures, tmp_path):
+    model, processor = owl
+    session = ChatSession(model, processor, params=SamplingParams(max_new_tokens=3))
+    with pytest.raises(ValueError, match="missing.png"):
+        session.ask("Look", images=[str(tmp_path / "missing.png")])
+    assert session.messages == [] and session.images == []
+    assert isinstance(session.ask("Hello", images=[pictures[0]]), str)
+
+
+def test_chat_command_answers_like_generate(owl, tiny_checkpoint, pictures, capsys):
+    model, processor = owl
+    code = main(["chat", "--model", str(tiny_checkpoint), "--image", pictures[0], "--max-new-tokens", "5", "What colour?"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    expected = fresh_answer(model, processor, [{"role": "user", "content": "<|image|>What colour?"}], [pictures[0]], 5)
+    assert printed == f"owl> {expected}\n"
+
+
+def test_chat_command_reports_bad_input_without_traceback(tiny_checkpoint, tmp_path):
+    corrupt = tmp_path / "broken.jpg"
+    corrupt.write_bytes(b"not really a jpeg")
+    run = subprocess.run(
+        [sys.executable, "-m", "hyperowl.cli", "chat", "--model", str(tiny_checkpoint), "--image", str(corrupt), "hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    assert "broken.jpg" in run.stderr and "Traceback" not in run.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "hyperowl.cli", "chat", "--model", str(tmp_path / "nope"), "hi"], capture_output=True, text=True, timeout=120
+    )
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_interactive_chat_keeps_the_conversation(tiny_checkpoint, pictures):
+    script = f"/image {pictures[0]}\nWhat colour?\n/image /no/such/file.png\nbroken turn\nAnd now?\n/quit\n"
+    run = subprocess.run(
+        [sys.executable, "-m", "hyperowl.cli", "chat", "--model", str(tiny_checkpoint), "--max-new-tokens", "3"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("owl> ") == 2  # the turn with the missing image prints only its error
+    assert "file.png" in run.stderr and "Traceback" not in run.stderr
