@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from PIL import Image
 
 from hyperowl import Owl3ForCausalLM, Owl3Processor

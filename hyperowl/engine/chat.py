@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from hyperowl.engine.cache import TextKVCache, VisualKV
-from hyperowl.engine.generate import TextStream, stream_tokens
+from hyperowl.engine.generate import stream_text
 from hyperowl.engine.sampling import SamplingParams
 from hyperowl.model.owl3 import Owl3ForCausalLM
 from hyperowl.processing.processor import Owl3Processor
@@ -68,37 +68,24 @@ class ChatSession:
         pixels = batch["pixel_values"]
         new_pixels = None if pixels is None or pixels.shape[0] == self.encoded_images else pixels[self.encoded_images :]
         state: dict[str, Any] = {}
-        stream = TextStream(lambda ids_: self.processor.decode(ids_, skip_special_tokens=True))
-        answer_ids: list[int] = []
-        stops = set(self.processor.stop_token_ids)
-        for token in stream_tokens(
+        inputs = {"input_ids": ids[shared:][None], "media_offset": batch["media_offset"][:, shared:], "pixel_values": new_pixels}
+        yield from stream_text(
             self.model,
-            ids[shared:][None],
-            media_offset=batch["media_offset"][:, shared:],
-            pixel_values=new_pixels,
-            params=self.params,
-            stop_token_ids=list(stops),
+            self.processor,
+            inputs,
+            self.params,
+            state,
             cache=self.cache,
             visual=self.visual,
             vision_chunk_size=self.vision_chunk_size,
-            state=state,
-        ):
-            tok = int(token[0])
-            answer_ids.append(tok)
-            if tok in stops:
-                break
-            piece = stream.push(tok)
-            if piece:
-                yield piece
-        tail = stream.flush()
-        if tail:
-            yield tail
+        )
         self.cache, self.visual = state["cache"], state["visual"]
         self.encoded_images = 0 if pixels is None else pixels.shape[0]
         # The cache holds the prompt and every answer token but the last one sampled.
+        answer_ids = state["token_ids"]
         self.cached_ids = torch.cat([ids, torch.tensor(answer_ids[:-1], dtype=torch.long)])
         self.last_stats = {"first_token_s": state.get("first_token_s", 0.0), "prompt_tokens": len(ids) - shared, "new_tokens": len(answer_ids)}
-        self.messages.append({"role": "assistant", "content": stream.emitted})
+        self.messages.append({"role": "assistant", "content": state["text"]})
 
     def ask(self, text: str, images: list[Any] | None = None, videos: list[Any] | None = None) -> str:
         """`ask_stream`, joined."""

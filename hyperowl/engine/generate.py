@@ -148,6 +148,38 @@ def generate(
     )
 
 
+def stream_text(
+    model: "Owl3ForCausalLM",
+    processor: Any,
+    inputs: dict[str, Any],
+    params: SamplingParams | None = None,
+    state: dict[str, Any] | None = None,
+    **stream_options: Any,
+) -> Iterator[str]:
+    """Text pieces of a one-row answer as they are generated, up to (not including) a stop token.
+
+    `inputs`: processor output (`input_ids`, `media_offset`, `pixel_values`, ...) of batch size 1;
+    `stream_options`: `cache`, `visual`, `vision_chunk_size` of `stream_tokens`. `state` receives what
+    `stream_tokens` puts there plus `token_ids` (every sampled id, the stop token included) and `text`.
+    """
+    state = {} if state is None else state
+    stops = processor.stop_token_ids
+    text = TextStream(lambda ids: processor.decode(ids, skip_special_tokens=True))
+    state["token_ids"] = sampled = []
+    model_inputs = {k: inputs.get(k) for k in ("input_ids", "attention_mask", "media_offset", "pixel_values")}
+    for token in stream_tokens(model, **model_inputs, params=params, stop_token_ids=stops, state=state, **stream_options):
+        sampled.append(int(token[0]))
+        if sampled[-1] in stops:
+            break
+        piece = text.push(sampled[-1])
+        if piece:
+            yield piece
+    tail = text.flush()
+    state["text"] = text.emitted
+    if tail:
+        yield tail
+
+
 class TextStream:
     """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8 characters."""
 
