@@ -12,6 +12,8 @@ from hyperowl.errors import HyperowlError
 # subcommand -> module providing `add_arguments(parser)` and `run(args) -> int`
 COMMANDS = {
     "chat": "hyperowl.chat_cli",
+    "serve": "hyperowl.serve.cli",
+    "eval": "hyperowl.eval.cli",
 }
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default-model"

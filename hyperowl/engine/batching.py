@@ -1,0 +1,107 @@
+"""Continuous batching: requests prefilled one by one join a running decode batch and leave it when done.
+
+A `DecodeBatch` holds one text KV cache and one `VisualKV` for all running rows. A row without
+images gets an empty visual row (`num_images = 0`, zero-length K/V padded with zeros by
+`VisualKV.concat`), which the model treats as "sees no image"; when no running row has an image
+left, the batch drops its visual K/V altogether.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hyperowl.engine.cache import TextKVCache, VisualKV
+
+if TYPE_CHECKING:
+    from hyperowl.model.owl3 import Owl3ForCausalLM
+
+
+def empty_visual(like: VisualKV, rows: int) -> VisualKV:
+    """A `VisualKV` of `rows` rows without images, shaped (layers, heads, dtype, device) like `like`."""
+    return VisualKV(
+        [k.new_zeros(rows, k.shape[1], 0, k.shape[3]) for k in like.keys],
+        [v.new_zeros(rows, v.shape[1], 0, v.shape[3]) for v in like.values],
+        torch.zeros(rows, dtype=torch.long, device=like.num_images.device),
+        like.tokens_per_image,
+    )
+
+
+def stack_visual(first: VisualKV | None, first_rows: int, second: VisualKV | None, second_rows: int) -> VisualKV | None:
+    """Rows of `first` then rows of `second`; a side without images (None) gets empty visual rows."""
+    if first is None and second is None:
+        return None
+    like = first if first is not None else second
+    assert like is not None
+    return VisualKV.concat(
+        [
+            first if first is not None else empty_visual(like, first_rows),
+            second if second is not None else empty_visual(like, second_rows),
+        ]
+    )
+
+
+class DecodeBatch:
+    """The running rows of a continuously batched decode.
+
+    `join` appends a prefilled request (its own batch-1 cache and visual K/V), `keep` drops finished
+    rows, `step` runs one decode forward for every row and returns the next-token logits.
+    """
+
+    def __init__(self, model: Owl3ForCausalLM) -> None:
+        self.model = model
+        self.cache: TextKVCache | None = None
+        self.visual: VisualKV | None = None
+
+    @property
+    def size(self) -> int:
+        return 0 if self.cache is None else self.cache.batch_size
+
+    def join(self, cache: TextKVCache, visual: VisualKV | None) -> None:
+        """Append the rows of a prefilled `cache` (with `visual`, or None when it has no images)."""
+        if self.cache is None:
+            self.cache, self.visual = cache, visual
+            return
+        self.visual = stack_visual(self.visual, self.cache.batch_size, visual, cache.batch_size)
+        self.cache = TextKVCache.concat([self.cache, cache])
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only `rows` (indices into the current rows, in order)."""
+        if self.cache is None or rows == list(range(self.size)):
+            return
+        if not rows:
+            self.cache = self.visual = None
+            return
+        self.cache.select(rows)
+        if self.visual is not None:
+            visual = self.visual.select(rows)
+            self.visual = visual if bool(visual.num_images.any()) else None
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (`[B]`) and return the next-token logits `[B, vocab]`."""
+        if self.cache is None:
+            raise RuntimeError("step() on an empty batch")
+        out = self.model(tokens.to(self.model.device)[:, None], cache=self.cache, visual=self.visual, logits_to_keep=1)
+        return out.logits[:, -1]
+
+
+def prefill(
+    model: Owl3ForCausalLM, batch: Mapping[str, Any], vision_chunk_size: int | None = None
+) -> tuple[torch.Tensor, TextKVCache, VisualKV | None]:
+    """Run the prompt of a processor batch on its own: next-token logits `[B, vocab]`, its cache and visual K/V."""
+    device = model.device
+    input_ids = batch["input_ids"].to(device)
+    media_offset, pixel_values = batch.get("media_offset"), batch.get("pixel_values")
+    cache = model.new_cache(input_ids.shape[0], input_ids.shape[1] + 1)
+    out = model(
+        input_ids,
+        attention_mask=batch["attention_mask"].to(device),
+        media_offset=None if media_offset is None else media_offset.to(device),
+        pixel_values=pixel_values,
+        cache=cache,
+        logits_to_keep=1,
+        vision_chunk_size=vision_chunk_size,
+    )
+    return out.logits[:, -1], cache, out.visual

@@ -1,0 +1,306 @@
+"""The scheduler: one background thread owns the model and decodes all running requests in one batch.
+
+Continuous batching: at every step the thread first takes waiting requests while the batch has room,
+prefills each on its own (its own text cache and visual K/V) and samples its first token; a request
+that goes on joins the batch, which then runs one decode step for every row. Rows leave when they hit
+a stop token, a stop string, their `max_tokens`, their deadline, or when the client went away.
+
+Each request samples with its own `SamplingParams` and seeded generator (`sample_row`), so its answer
+does not depend on the other rows. Events reach the request's asyncio queue thread-safely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hyperowl.engine.batching import DecodeBatch, prefill
+from hyperowl.engine.sampling import SamplingParams, sample_row
+from hyperowl.serve.errors import ApiError, overloaded
+from hyperowl.serve.metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from hyperowl.model.owl3 import Owl3ForCausalLM
+
+log = logging.getLogger("hyperowl.serve")
+
+
+@dataclass
+class TextDelta:
+    """New answer text."""
+
+    text: str
+
+
+@dataclass
+class Finished:
+    """The answer is complete. `finish_reason`: "stop" (stop token or string) or "length"."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    """The request ended with an error (timeout, server error)."""
+
+    error: ApiError
+
+
+Event = TextDelta | Finished | Failed
+
+
+class Job:
+    """One chat completion as the scheduler sees it: the processed prompt, how to sample, where events go.
+
+    Created on the event loop of the HTTP request; `events` receives `TextDelta`s then one `Finished`
+    or `Failed`. `cancel()` (client gone) makes the scheduler drop it at its next step.
+    """
+
+    def __init__(
+        self,
+        batch: dict[str, Any],
+        params: SamplingParams,
+        stop_strings: list[str],
+        ignore_eos: bool,
+        timeout_s: float,
+    ) -> None:
+        self.batch = batch
+        self.params = params
+        self.stop_strings = stop_strings
+        self.ignore_eos = ignore_eos
+        self.prompt_tokens = int(batch["attention_mask"].sum())
+        self.submitted = time.monotonic()
+        self.deadline = self.submitted + timeout_s
+        self.timeout_s = timeout_s
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._cancelled = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def emit(self, event: Event) -> None:
+        """Deliver `event` from any thread; a request whose loop is gone is cancelled instead."""
+        try:
+            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:
+            self.cancel()
+
+    def timed_out(self) -> Failed:
+        return Failed(
+            ApiError(
+                408,
+                f"the request did not finish within {self.timeout_s:g} s (limit request_timeout_s)",
+                type="timeout",
+                code="request_timeout_s",
+            )
+        )
+
+
+class Row:
+    """A running request: its sampler state and the answer text streamed so far."""
+
+    def __init__(self, job: Job, decode: Callable[[list[int]], str], stop_ids: set[int], device: torch.device) -> None:
+        self.job = job
+        self.decode = decode
+        self.stop_ids = set() if job.ignore_eos else stop_ids
+        self.generator = job.params.generator(device)
+        self.ids: list[int] = []
+        self.sent = 0
+        self.count = 0
+        self.last = 0
+
+    def sample(self, logits: torch.Tensor) -> int:
+        return sample_row(logits, self.job.params, None, self.generator)
+
+    def accept(self, token: int) -> str | None:
+        """Take the next token, emit the text that is now certain; return a finish reason when done."""
+        self.count += 1
+        self.last = token
+        if token in self.stop_ids:
+            self._send(self.decode(self.ids))
+            return "stop"
+        self.ids.append(token)
+        text = self.decode(self.ids)
+        hits = [i for i in (text.find(s) for s in self.job.stop_strings) if i >= 0]
+        if hits:
+            self._send(text[: min(hits)])
+            return "stop"
+        if self.count >= self.job.params.max_new_tokens:
+            self._send(text)
+            return "length"
+        self._send(self._certain(text))
+        return None
+
+    def _certain(self, text: str) -> str:
+        """`text` without what may still change: an incomplete UTF-8 character at the end, and an end
+        that could be the beginning of a stop string."""
+        text = text.rstrip("\ufffd")
+        held = max((n for s in self.job.stop_strings for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
+        return text[: len(text) - held]
+
+    def _send(self, text: str) -> None:
+        if len(text) > self.sent:
+            self.job.emit(TextDelta(text[self.sent :]))
+            self.sent = len(text)
+
+
+class Scheduler:
+    """Owns the model in a background thread; `submit` jobs from the HTTP side.
+
+    `max_batch_size` rows decode together (1: one request at a time); at most `max_queue` jobs wait.
+    """
+
+    def __init__(
+        self,
+        model: Owl3ForCausalLM,
+        decode: Callable[[list[int]], str],
+        stop_ids: list[int],
+        metrics: ServerMetrics,
+        max_batch_size: int,
+        max_queue: int,
+        vision_chunk_size: int | None = None,
+    ) -> None:
+        self.model = model
+        self.decode = decode
+        self.stop_ids = set(stop_ids)
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.vision_chunk_size = vision_chunk_size
+        self.batch = DecodeBatch(model)
+        self.rows: list[Row] = []
+        self._pending: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="hyperowl-scheduler", daemon=True)
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for a batch slot."""
+        return len(self._pending)
+
+    @property
+    def active(self) -> int:
+        """Rows being decoded."""
+        return len(self.rows)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Fail every job and end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def submit(self, job: Job) -> None:
+        """Queue `job`; 503 when the queue is full or the scheduler has stopped."""
+        with self._cond:
+            if self._stopping or not self.alive:
+                raise overloaded("the server is shutting down", "shutting_down")
+            waiting = len(self._pending) + len(self.rows) - self.max_batch_size  # beyond the free batch slots
+            if waiting >= self.max_queue:
+                raise overloaded(f"too many requests waiting ({max(waiting, 0)}) (limit max_queue)", "max_queue")
+            self._pending.append(job)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                jobs = self._take()
+                if self._stopping:
+                    break
+                for job in jobs:
+                    self._admit(job)
+                if self.rows:
+                    self._step()
+        stopped = overloaded("the server is shutting down", "shutting_down")
+        for job in [*self._pending, *(row.job for row in self.rows)]:
+            job.emit(Failed(stopped))
+
+    def _take(self) -> list[Job]:
+        """Wait until there is work; return the waiting jobs that fit in the batch now."""
+        with self._cond:
+            while not self._stopping and not self._pending and not self.rows:
+                self._cond.wait()
+            now = time.monotonic()
+            for job in [j for j in self._pending if j.cancelled or now > j.deadline]:
+                self._pending.remove(job)
+                if not job.cancelled:
+                    job.emit(job.timed_out())
+            taken = []
+            while self._pending and len(self.rows) + len(taken) < self.max_batch_size:
+                taken.append(self._pending.popleft())
+            return taken
+
+    def _admit(self, job: Job) -> None:
+        """Prefill `job` on its own, sample its first token, and let it join the batch unless it is done."""
+        row = Row(job, self.decode, self.stop_ids, self.model.device)
+        try:
+            logits, cache, visual = prefill(self.model, job.batch, self.vision_chunk_size)
+            finish = row.accept(row.sample(logits[0]))
+        except Exception as exc:  # a bad request must not stop the server
+            log.exception("prefill failed")
+            job.emit(Failed(ApiError(500, f"prefill failed: {exc}", type="server_error", code="internal_error")))
+            return
+        self.metrics.first_token.observe(time.monotonic() - job.submitted)
+        self.metrics.count_tokens(1)
+        if finish is not None:
+            self._finish(row, finish)
+            return
+        self.batch.join(cache, visual)
+        self.rows.append(row)
+
+    def _step(self) -> None:
+        """One decode step for every row, then drop the rows that are done."""
+        try:
+            tokens = torch.tensor([row.last for row in self.rows], dtype=torch.long)
+            logits = self.batch.step(tokens)
+            reasons = [row.accept(row.sample(logits[i])) for i, row in enumerate(self.rows)]
+        except Exception as exc:
+            log.exception("decode step failed")
+            error = ApiError(500, f"decode step failed: {exc}", type="server_error", code="internal_error")
+            for row in self.rows:
+                row.job.emit(Failed(error))
+            self.rows, self.batch = [], DecodeBatch(self.model)
+            return
+        self.metrics.count_tokens(len(self.rows))
+        self.metrics.decode_batch.observe(len(self.rows))
+        now = time.monotonic()
+        keep = []
+        for i, (row, reason) in enumerate(zip(self.rows, reasons)):
+            if reason is not None:
+                self._finish(row, reason)
+            elif row.job.cancelled:
+                continue
+            elif now > row.job.deadline:
+                row.job.emit(row.job.timed_out())
+            else:
+                keep.append(i)
+        if len(keep) < len(self.rows):
+            self.batch.keep(keep)
+            self.rows = [self.rows[i] for i in keep]
+
+    def _finish(self, row: Row, reason: str) -> None:
+        self.metrics.request_seconds.observe(time.monotonic() - row.job.submitted)
+        row.job.emit(Finished(reason, row.job.prompt_tokens, row.count))

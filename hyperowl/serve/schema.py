@@ -1,0 +1,72 @@
+"""Request bodies of the OpenAI chat completions API (the subset hyperowl serves), as pydantic models.
+
+Unknown fields are ignored, as OpenAI-compatible servers usually do. Extensions: a `video_url` content
+part (`{"url", "max_frames"}`) and `ignore_eos` (keep generating past the stop tokens, for benchmarks).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Lenient):
+    type: Literal["text"]
+    text: str
+
+
+class ImageUrl(_Lenient):
+    url: str
+    detail: str | None = None
+
+
+class ImageUrlPart(_Lenient):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+class VideoUrl(_Lenient):
+    url: str
+    max_frames: int | None = Field(default=None, ge=1)
+
+
+class VideoUrlPart(_Lenient):
+    type: Literal["video_url"]
+    video_url: VideoUrl
+
+
+ContentPart = Annotated[TextPart | ImageUrlPart | VideoUrlPart, Field(discriminator="type")]
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Lenient):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=1)
+    ignore_eos: bool = False
+
+    def stop_strings(self) -> list[str]:
+        """`stop` as a list of non-empty strings."""
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]

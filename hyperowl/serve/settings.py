@@ -1,0 +1,70 @@
+"""Server settings: where media may come from and every limit a request is checked against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Configuration of one server. Limit names double as the `code` of the error that reports them.
+
+    Attributes:
+        model_name: the id served at `/v1/models`; requests naming another model get 404.
+        api_key: when set, `/v1/*` and `/metrics` need `Authorization: Bearer <api_key>`.
+        media_dir: local files (plain paths or file:// URLs) are read only from inside this folder;
+            None refuses every local path.
+        allow_remote_media: fetch http(s) media URLs (at most `max_media_bytes`, `remote_timeout_s`).
+        max_body_bytes: largest request body.
+        max_media_bytes: largest single image/video fetched from a URL or read from `media_dir`
+            (a base64 data URI is bounded by `max_body_bytes`).
+        max_images: most image parts per request.
+        max_frames: most video frames per request (all videos together); also caps `max_frames` of a
+            video part.
+        default_frames: frames sampled per video when the part does not say.
+        max_image_pixels: largest width * height of one image or video frame.
+        max_tokens: largest `max_tokens` a request may ask for.
+        default_max_tokens: `max_tokens` of a request that does not say.
+        request_timeout_s: a request still queued or generating after this long is stopped.
+        max_queue: most requests waiting for a batch slot; more get 503.
+        max_batch_size: most requests decoded together (1 = one at a time).
+        vision_chunk_size: images encoded per vision-tower batch (None: all at once).
+    """
+
+    model_name: str = "hyperowl"
+    api_key: str | None = None
+    media_dir: Path | None = None
+    allow_remote_media: bool = False
+    remote_timeout_s: float = 10.0
+    max_body_bytes: int = 64 * 2**20
+    max_media_bytes: int = 64 * 2**20
+    max_images: int = 16
+    max_frames: int = 64
+    default_frames: int = 16
+    max_image_pixels: int = 4096 * 4096
+    max_tokens: int = 2048
+    default_max_tokens: int = 512
+    request_timeout_s: float = 300.0
+    max_queue: int = 64
+    max_batch_size: int = 16
+    vision_chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_body_bytes",
+            "max_media_bytes",
+            "max_images",
+            "max_frames",
+            "default_frames",
+            "max_image_pixels",
+            "max_tokens",
+            "default_max_tokens",
+            "max_batch_size",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.request_timeout_s <= 0 or self.remote_timeout_s <= 0:
+            raise ValueError("timeouts must be positive")

@@ -1,0 +1,606 @@
+"""`hyperowl serve`: the official openai client against a live server, limits, safety, batching."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from PIL import Image
+
+from hyperowl.engine.batching import DecodeBatch, prefill
+from hyperowl.engine.sampling import SamplingParams
+from hyperowl.model.owl3 import Owl3ForCausalLM
+from hyperowl.processing.processor import Owl3Processor
+from hyperowl.processing.video import load_video
+from hyperowl.serve.app import create_app
+from hyperowl.serve.errors import ApiError
+from hyperowl.serve.media import fetch_remote
+from hyperowl.serve.scheduler import Job, Row
+from hyperowl.serve.settings import ServerSettings
+from tests.media import block_image, png_header, write_video
+
+REPO = Path(__file__).resolve().parents[1]
+STARTUP_S = 180
+
+COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = STARTUP_S) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"server at {url} did not start within {timeout} s")
+
+
+@contextmanager
+def thread_server(model: Owl3ForCausalLM, processor: Owl3Processor, settings: ServerSettings) -> Iterator[str]:
+    """The app served by uvicorn in a thread of this process; yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(model, processor, settings), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def picture(seed: int) -> Image.Image:
+    return block_image(2, 3, 16, [COLORS[(seed + i) % len(COLORS)] for i in range(6)])
+
+
+def image_part(image: Image.Image) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": data_uri(png_bytes(image), "image/png")}}
+
+
+class Reference:
+    """In-process greedy answers for the same processor call as the server's."""
+
+    def __init__(self, path: Path) -> None:
+        self.model = Owl3ForCausalLM.from_pretrained(path)
+        self.processor = Owl3Processor.from_pretrained(path)
+
+    def answer(
+        self, messages: list[dict], images: list | None = None, videos: list | None = None, max_tokens: int = 16
+    ) -> tuple[str, int, int]:
+        """(text, prompt tokens, completion tokens) for processor-format `messages`."""
+        batch = self.processor(messages, images=images or [], videos=videos or [])
+        stops = self.processor.stop_token_ids
+        out = self.model.generate(**batch, max_new_tokens=max_tokens, stop_token_ids=stops)
+        ids = out.sequences[0, : out.num_generated[0]].tolist()
+        text = self.processor.decode([i for i in ids if i not in stops], skip_special_tokens=True)
+        return text, batch["input_ids"].shape[1], len(ids)
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("serve-media")
+    inside = root / "media"
+    inside.mkdir()
+    picture(0).save(inside / "pic.png")
+    picture(1).save(root / "outside.png")
+    (root / "secret.txt").write_text("top secret")
+    (inside / "escape.png").symlink_to(root / "outside.png")
+    write_video(inside / "clip.mp4", seconds=3, fps=4, codec="mpeg4")
+    return inside
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint: Path, media_dir: Path) -> Iterator[str]:
+    """A `hyperowl serve` subprocess with small limits; yields its base URL."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "hyperowl.cli",
+        "serve",
+        "--model",
+        str(tiny_checkpoint),
+        "--port",
+        str(port),
+        "--media-dir",
+        str(media_dir),
+        "--max-images",
+        "4",
+        "--max-frames",
+        "8",
+        "--max-image-pixels",
+        "65536",
+        "--max-tokens",
+        "3000",
+        "--max-body-mb",
+        "1",
+        "--max-batch-size",
+        "8",
+        "--log-level",
+        "warning",
+        "--num-threads",
+        "1",  # many threads on 2 shared cores make every step many times slower
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HYPEROWL_API_KEY": ""}
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_checkpoint: Path) -> Iterator[Reference]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the server subprocess shares the cores
+    yield Reference(tiny_checkpoint)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def client(server: str, tiny_checkpoint: Path) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model_name(tiny_checkpoint: Path) -> str:
+    return tiny_checkpoint.resolve().name
+
+
+def user(*parts: Any) -> list[dict]:
+    return [{"role": "user", "content": list(parts)}]
+
+
+def test_text_answer_equals_generate(client: openai.OpenAI, ref: Reference, model_name: str) -> None:
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What colour is the square?"}]
+    reply = client.chat.completions.create(model=model_name, messages=messages, temperature=0, max_tokens=16)
+    text, prompt_tokens, completion_tokens = ref.answer(messages)
+    assert reply.choices[0].message.content == text
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason == ("length" if completion_tokens == 16 else "stop")
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (prompt_tokens, completion_tokens)
+    assert reply.usage.total_tokens == prompt_tokens + completion_tokens
+
+
+def test_image_streaming_equals_generate(client: openai.OpenAI, ref: Reference, model_name: str) -> None:
+    image = picture(2)
+    stream = client.chat.completions.create(
+        model=model_name,
+        messages=user(image_part(image), {"type": "text", "text": "Describe the picture."}),
+        temperature=0,
+        max_tokens=20,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text, prompt_tokens, completion_tokens = ref.answer(
+        user({"type": "image"}, {"type": "text", "text": "Describe the picture."}), images=[image], max_tokens=20
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == completion_tokens
+    assert chunks[-1].usage.prompt_tokens == prompt_tokens
+
+
+def test_image_non_streaming_and_media_dir_file(client: openai.OpenAI, ref: Reference, model_name: str, media_dir: Path) -> None:
+    question = {"type": "text", "text": "Which picture shows a green triangle?"}
+    expected = ref.answer(user({"type": "image"}, {"type": "image"}, question), images=[picture(3), picture(0)])[0]
+    for local in (f"file://{media_dir / 'pic.png'}", "pic.png", str(media_dir / "pic.png")):
+        parts = [image_part(picture(3)), {"type": "image_url", "image_url": {"url": local}}, question]
+        reply = client.chat.completions.create(model=model_name, messages=user(*parts), temperature=0, max_tokens=16)
+        assert reply.choices[0].message.content == expected
+
+
+def test_video_streaming_and_not(client: openai.OpenAI, ref: Reference, model_name: str, media_dir: Path) -> None:
+    data = (media_dir / "clip.mp4").read_bytes()
+    part = {"type": "video_url", "video_url": {"url": data_uri(data, "video/mp4"), "max_frames": 3}}
+    question = {"type": "text", "text": "What happened first in the video?"}
+    clip = load_video(media_dir / "clip.mp4", fps=ref.processor.video_fps, max_frames=3)
+    assert len(clip) == 3
+    expected = ref.answer(user({"type": "video"}, question), videos=[clip])[0]
+    reply = client.chat.completions.create(model=model_name, messages=user(part, question), temperature=0, max_tokens=16)
+    assert reply.choices[0].message.content == expected
+    local = {"type": "video_url", "video_url": {"url": "clip.mp4", "max_frames": 3}}
+    stream = client.chat.completions.create(
+        model=model_name, messages=user(local, question), temperature=0, max_tokens=16, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == expected
+
+
+def test_stop_strings_seed_and_sampling(client: openai.OpenAI, ref: Reference, model_name: str) -> None:
+    messages = [{"role": "user", "content": "Describe the picture."}]
+    full = ref.answer(messages, max_tokens=30)[0]
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert stop.strip(), full
+    cut = full[: full.index(stop)]
+    for stream in (False, True):
+        reply = client.chat.completions.create(
+            model=model_name, messages=messages, temperature=0, max_tokens=30, stop=[stop], stream=stream
+        )
+        if stream:
+            pieces = list(reply)
+            assert "".join(c.choices[0].delta.content or "" for c in pieces) == cut
+            assert pieces[-1].choices[0].finish_reason == "stop"
+        else:
+            assert reply.choices[0].message.content == cut and reply.choices[0].finish_reason == "stop"
+    sampled = [
+        client.chat.completions.create(model=model_name, messages=messages, temperature=1.0, top_p=0.9, seed=seed, max_tokens=12)
+        .choices[0]
+        .message.content
+        for seed in (7, 7, 8)
+    ]
+    assert sampled[0] == sampled[1]
+
+
+def test_sixteen_concurrent_requests_equal_their_sequential_answers(
+    server: str, client: openai.OpenAI, ref: Reference, model_name: str
+) -> None:
+    questions = ["What colour is the square?", "Describe the picture.", "Which picture shows a green triangle?", "yes or no"]
+    cases = []
+    for i in range(16):
+        text = {"type": "text", "text": questions[i % 4] + " " * (i % 3)}
+        images = [picture(i + k) for k in range(i % 3)]  # 0, 1 or 2 images: mixed batches
+        cases.append((user(*[image_part(im) for im in images], text), user(*[{"type": "image"}] * len(images), text), images))
+    expected = [ref.answer(messages, images=images, max_tokens=24)[0] for _, messages, images in cases]
+
+    def ask(case: tuple) -> str:
+        return (
+            client.chat.completions.create(model=model_name, messages=case[0], temperature=0, max_tokens=24)
+            .choices[0]
+            .message.content
+        )
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, cases))
+    assert answers == expected
+    steps = decode_batch_histogram(server)
+    assert steps["+Inf"] > steps["2.0"], "no decode step ran more than 2 requests together"
+
+
+def decode_batch_histogram(server: str) -> dict[str, float]:
+    """Cumulative counts of `hyperowl_decode_batch_size` by bucket bound."""
+    prefix = 'hyperowl_decode_batch_size_bucket{le="'
+    lines = [line for line in httpx.get(f"{server}/metrics").text.splitlines() if line.startswith(prefix)]
+    return {line[len(prefix) :].split('"')[0]: float(line.rsplit(" ", 1)[1]) for line in lines}
+
+
+def test_models_health_metrics(server: str, client: openai.OpenAI, model_name: str) -> None:
+    assert [m.id for m in client.models.list()] == [model_name]
+    health = httpx.get(f"{server}/health").json()
+    assert health["status"] == "ok" and health["model"] == model_name
+    text = httpx.get(f"{server}/metrics").text
+    for name in (
+        "hyperowl_requests_total",
+        "hyperowl_errors_total",
+        "hyperowl_queue_depth",
+        "hyperowl_first_token_seconds_bucket",
+        "hyperowl_tokens_per_second",
+        "hyperowl_generated_tokens_total",
+    ):
+        assert name in text
+
+
+def bad_requests(media_dir: Path, model_name: str) -> list[tuple[str, Any, int, str | None]]:
+    """(name, body (bytes = raw), status, error code)."""
+    ok_image = image_part(picture(0))
+    text = {"type": "text", "text": "hi"}
+    big_png = data_uri(png_header(5000, 5000), "image/png")
+    outside = media_dir.parent
+    body = lambda *parts, **extra: {"model": model_name, "messages": user(*parts), **extra}
+    return [
+        ("invalid json", b"{not json", 400, "invalid_json"),
+        ("not utf-8", b"\xff\xfe", 400, "invalid_json"),
+        ("no messages", {"model": model_name}, 422, "invalid_request"),
+        ("empty messages", {"messages": []}, 422, "invalid_request"),
+        ("bad role", {"messages": [{"role": "robot", "content": "hi"}]}, 422, "invalid_request"),
+        ("unknown part", body({"type": "audio", "audio": "x"}), 422, "invalid_request"),
+        ("n > 1", body(text, n=2), 422, "invalid_request"),
+        ("temperature", body(text, temperature=5), 422, "invalid_request"),
+        ("wrong model", {**body(text), "model": "gpt-4"}, 404, "model_not_found"),
+        ("max_tokens cap", body(text, max_tokens=5000), 400, "max_tokens"),
+        ("too many stops", body(text, stop=["a", "b", "c", "d", "e"]), 400, None),
+        ("too many images", body(*[ok_image] * 5, text), 400, "max_images"),
+        ("too many pixels", body({"type": "image_url", "image_url": {"url": big_png}}, text), 400, "max_image_pixels"),
+        (
+            "video frames cap",
+            body({"type": "video_url", "video_url": {"url": "clip.mp4", "max_frames": 9}}, text),
+            400,
+            "max_frames",
+        ),
+        (
+            "body too large",
+            body({"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 1_200_000}}),
+            413,
+            "max_body_bytes",
+        ),
+        (
+            "bad base64",
+            body({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}, text),
+            400,
+            "invalid_media",
+        ),
+        (
+            "not an image",
+            body({"type": "image_url", "image_url": {"url": data_uri(b"hello", "image/png")}}, text),
+            400,
+            "invalid_media",
+        ),
+        (
+            "not a video",
+            body({"type": "video_url", "video_url": {"url": data_uri(b"hello", "video/mp4")}}, text),
+            400,
+            "invalid_media",
+        ),
+        ("image placeholder mismatch", body({"type": "text", "text": "<|image|> what?"}), 400, "invalid_prompt"),
+        (
+            "system not first",
+            {"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]},
+            400,
+            "invalid_prompt",
+        ),
+        ("path traversal", body({"type": "image_url", "image_url": {"url": "../outside.png"}}, text), 400, "media_path_refused"),
+        (
+            "absolute path outside",
+            body({"type": "image_url", "image_url": {"url": str(outside / "secret.txt")}}, text),
+            400,
+            "media_path_refused",
+        ),
+        (
+            "file url outside",
+            body({"type": "image_url", "image_url": {"url": f"file://{outside}/outside.png"}}, text),
+            400,
+            "media_path_refused",
+        ),
+        ("symlink out", body({"type": "image_url", "image_url": {"url": "escape.png"}}, text), 400, "media_path_refused"),
+        ("missing file", body({"type": "image_url", "image_url": {"url": "nope.png"}}, text), 400, "media_path_refused"),
+        ("folder", body({"type": "image_url", "image_url": {"url": "."}}, text), 400, "media_path_refused"),
+        (
+            "remote disabled",
+            body({"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}, text),
+            400,
+            "remote_media_disabled",
+        ),
+        ("bad scheme", body({"type": "image_url", "image_url": {"url": "ftp://host/x.png"}}, text), 400, "invalid_media"),
+    ]
+
+
+def test_every_bad_input_gets_its_4xx_and_the_server_keeps_serving(
+    server: str, media_dir: Path, model_name: str, client: openai.OpenAI, ref: Reference
+) -> None:
+    failures = []
+    for name, body, status, code in bad_requests(media_dir, model_name):
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        response = httpx.post(
+            f"{server}/v1/chat/completions", content=content, headers={"Content-Type": "application/json"}, timeout=60
+        )
+        error = response.json().get("error", {})
+        if (
+            response.status_code != status
+            or (code and error.get("code") != code)
+            or set(error) != {"message", "type", "param", "code"}
+        ):
+            failures.append((name, response.status_code, response.text[:300]))
+    assert not failures
+    assert httpx.get(f"{server}/nowhere").json()["error"]["code"] == "not_found"
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hi"}], max_tokens=5000)
+    messages = [{"role": "user", "content": "yes or no"}]
+    reply = client.chat.completions.create(model=model_name, messages=messages, temperature=0, max_tokens=8)
+    assert reply.choices[0].message.content == ref.answer(messages, max_tokens=8)[0]
+
+
+def wait_until(condition, timeout: float = 30.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_disconnected_clients_are_cancelled(server: str, model_name: str) -> None:
+    body = {
+        "model": model_name,
+        "messages": [{"role": "user", "content": "Describe the picture."}],
+        "max_tokens": 3000,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
+    active = lambda: httpx.get(f"{server}/health").json()["active"]
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert wait_until(lambda: active() == 1)
+    assert wait_until(lambda: active() == 0, timeout=10), "streaming request kept running after the client left"
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=1.5))
+    assert wait_until(lambda: active() == 0, timeout=10), "request kept running after the client left"
+
+
+@pytest.fixture(scope="module")
+def strict(ref: Reference) -> Iterator[str]:
+    """In-process server: API key, one request at a time, no queue, 1.5 s per request."""
+    settings = ServerSettings(
+        model_name="strict", api_key="sesame", max_batch_size=1, max_queue=0, request_timeout_s=1.5, max_tokens=4000
+    )
+    with thread_server(ref.model, ref.processor, settings) as url:
+        yield url
+
+
+def test_api_key(strict: str) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame"}):
+        response = httpx.post(f"{strict}/v1/chat/completions", json=body, headers=headers)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{strict}/v1/models").status_code == 401
+    assert httpx.get(f"{strict}/metrics").status_code == 401
+    assert httpx.get(f"{strict}/health").status_code == 200
+    good = openai.OpenAI(base_url=f"{strict}/v1", api_key="sesame", max_retries=0)
+    assert good.chat.completions.create(model="strict", messages=body["messages"], max_tokens=2).usage.completion_tokens >= 1
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{strict}/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_queue_limit_and_timeout(strict: str) -> None:
+    headers = {"Authorization": "Bearer sesame"}
+    long = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000, "ignore_eos": True}
+    results: dict[str, httpx.Response] = {}
+    thread = threading.Thread(
+        target=lambda: results.update(long=httpx.post(f"{strict}/v1/chat/completions", json=long, headers=headers, timeout=60))
+    )
+    thread.start()
+    assert wait_until(lambda: httpx.get(f"{strict}/health").json()["active"] == 1)
+    busy = httpx.post(f"{strict}/v1/chat/completions", json={"messages": long["messages"], "max_tokens": 2}, headers=headers)
+    assert busy.status_code == 503 and busy.json()["error"]["code"] == "max_queue" and busy.headers["retry-after"] == "1"
+    thread.join(30)
+    assert results["long"].status_code == 408 and results["long"].json()["error"]["code"] == "request_timeout_s"
+    with httpx.stream(
+        "POST", f"{strict}/v1/chat/completions", json={**long, "stream": True}, headers=headers, timeout=60
+    ) as response:
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "request_timeout_s"
+    ok = httpx.post(f"{strict}/v1/chat/completions", json={"messages": long["messages"], "max_tokens": 2}, headers=headers)
+    assert ok.status_code == 200
+
+
+def test_remote_media_size_cap_and_timeout() -> None:
+    payload = b"x" * 5000
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/slow":
+                time.sleep(2)
+            self.send_response(200 if self.path != "/missing" else 404)
+            self.end_headers()
+            try:
+                self.wfile.write(payload)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (size cap, timeout), as the test wants
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{http.server_address[1]}"
+    try:
+        allowed = ServerSettings(allow_remote_media=True, max_media_bytes=8000, remote_timeout_s=0.5)
+        assert asyncio.run(fetch_remote(f"{base}/ok", allowed)) == payload
+        for path, settings, code in (
+            ("/ok", ServerSettings(allow_remote_media=True, max_media_bytes=1000), "max_media_bytes"),
+            ("/slow", allowed, "media_fetch_timeout"),
+            ("/missing", allowed, "media_fetch_failed"),
+            ("/ok", ServerSettings(), "remote_media_disabled"),
+        ):
+            with pytest.raises(ApiError) as info:
+                asyncio.run(fetch_remote(f"{base}{path}", settings))
+            assert info.value.code == code and info.value.status == 400
+    finally:
+        http.shutdown()
+
+
+def test_mixed_batch_rows_equal_their_own_generation(ref: Reference) -> None:
+    """Rows with and without images join and leave a running batch; each row's greedy tokens equal its own run."""
+    model, processor = ref.model, ref.processor
+    requests = [  # (messages, images, join at step, tokens)
+        (user({"type": "image"}, {"type": "text", "text": "What colour is the square?"}), [picture(0)], 0, 5),
+        ([{"role": "user", "content": "Describe the picture."}], [], 2, 12),
+        (user({"type": "image"}, {"type": "image"}, {"type": "text", "text": "Which picture?"}), [picture(1), picture(2)], 8, 8),
+        ([{"role": "user", "content": "yes or no"}], [], 9, 6),
+    ]
+    expected = []
+    for messages, images, _, tokens in requests:
+        out = model.generate(**processor(messages, images=images), max_new_tokens=tokens, stop_token_ids=[])
+        expected.append(out.sequences[0].tolist())
+    batch, rows, got, saw_no_visual = DecodeBatch(model), [], {}, False
+    with torch.inference_mode():
+        for step in range(40):
+            for index, (messages, images, at, _) in enumerate(requests):
+                if at == step:
+                    logits, cache, visual = prefill(model, processor(messages, images=images))
+                    batch.join(cache, visual)
+                    rows.append((index, [int(logits[0].argmax())]))
+            if rows:
+                logits = batch.step(torch.tensor([ids[-1] for _, ids in rows]))
+                for i, (_, ids) in enumerate(rows):
+                    ids.append(int(logits[i].argmax()))
+            keep = [i for i, (index, ids) in enumerate(rows) if len(ids) < requests[index][3]]
+            got.update({index: ids for index, ids in rows if len(ids) >= requests[index][3]})
+            rows = [rows[i] for i in keep]
+            batch.keep(keep)
+            saw_no_visual |= bool(rows) and batch.visual is None
+    assert [got[i] for i in range(len(requests))] == expected
+    assert saw_no_visual and batch.size == 0
+
+
+def test_streamed_text_holds_back_stop_string_prefixes_and_partial_characters() -> None:
+    pieces = {1: "Hel", 2: "lo ", 3: "ST", 4: "OP", 5: "x", 6: "\ufffd", 7: "é"}
+
+    def decode(ids: list[int]) -> str:
+        text = "".join(pieces[i] for i in ids)
+        return text.replace("\ufffdé", "é")  # token 6 is the first byte of "é"
+
+    async def run(tokens: list[int], max_tokens: int = 10) -> tuple[list[str], str | None]:
+        batch = {"attention_mask": torch.ones(1, 3, dtype=torch.long)}
+        job = Job(batch, SamplingParams(max_new_tokens=max_tokens), ["STOP"], False, 10.0)
+        row = Row(job, decode, {0}, torch.device("cpu"))
+        reasons = [row.accept(t) for t in tokens]
+        await asyncio.sleep(0)
+        sent = []
+        while not job.events.empty():
+            sent.append(job.events.get_nowait().text)
+        return sent, reasons[-1]
+
+    assert asyncio.run(run([1, 2, 3, 4])) == (["Hel", "lo "], "stop")
+    assert asyncio.run(run([1, 2, 3, 5, 0])) == (["Hel", "lo ", "STx"], "stop")
+    assert asyncio.run(run([1, 6, 7, 3], max_tokens=4)) == (["Hel", "é", "ST"], "length")
