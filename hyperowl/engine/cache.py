@@ -124,12 +124,62 @@ class VisualKV:
     `keys[i]`/`values[i]`: `[batch, kv_heads, max_images * tokens_per_image, head_dim]` for the i-th
     hyper layer (in layer order), MI-Rope already applied to the keys. Rows with fewer images are
     zero-padded; `num_images[b]` says how many images row `b` has.
+
+    The tensors may be stored in a lower precision than the model computes in (e.g. fp8 or bf16
+    for an fp32 model) and/or on the CPU in pinned memory while the model runs on a GPU;
+    `layer(i, n, device, dtype)` returns them ready for use (cast and moved at use). `num_images`
+    always lives on the compute device.
     """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     num_images: torch.Tensor
     tokens_per_image: int
+
+    @staticmethod
+    def allocate(
+        num_layers: int,
+        num_images: list[int],
+        tokens_per_image: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        compute_device: torch.device | str,
+        pin_memory: bool = False,
+    ) -> "VisualKV":
+        """Zero-filled storage for rows of `num_images[b]` images each (`[B, g, max_images * P, d]` per
+        layer), filled image by image with `write`. `pin_memory` pins CPU storage for fast copies."""
+        shape = (len(num_images), kv_heads, max(num_images, default=0) * tokens_per_image, head_dim)
+
+        def zeros() -> torch.Tensor:
+            t = torch.zeros(shape, dtype=dtype, device=device)
+            return t.pin_memory() if pin_memory else t
+
+        return VisualKV(
+            [zeros() for _ in range(num_layers)],
+            [zeros() for _ in range(num_layers)],
+            torch.tensor(num_images, dtype=torch.long, device=compute_device),
+            tokens_per_image,
+        )
+
+    def write(self, layer: int, row: int, first_image: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store `keys`/`values` `[n, kv_heads, tokens_per_image, head_dim]` of images `first_image ..
+        first_image + n - 1` of `row` in hyper layer `layer` (cast to the storage dtype/device)."""
+        n, g, p, d = keys.shape
+        cols = slice(first_image * p, (first_image + n) * p)
+        for store, src in ((self.keys[layer], keys), (self.values[layer], values)):
+            store[row, :, cols].copy_(src.transpose(0, 1).reshape(g, n * p, d), non_blocking=True)
+
+    def layer(
+        self, index: int, num_tokens: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys, values `[B, g, num_tokens, d]` (the first `num_tokens` visual tokens) of hyper layer
+        `index` on `device` in `dtype`; views without a copy when already stored that way."""
+        return tuple(  # type: ignore[return-value]
+            t[:, :, :num_tokens].to(device=device, dtype=dtype, non_blocking=True)
+            for t in (self.keys[index], self.values[index])
+        )
 
     @property
     def batch_size(self) -> int:

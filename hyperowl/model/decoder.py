@@ -45,11 +45,55 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 @dataclass
+class CrossBlock:
+    """Queries `t0 .. t1 - 1` of one prefill cross-attention block see at most `num_images` images
+    (the max over rows and queries); `full`: every query of every row sees exactly those (no mask)."""
+
+    t0: int
+    t1: int
+    num_images: int
+    full: bool
+
+
+@dataclass
+class CrossPlan:
+    """Which images each query sees, in blocks that bound the cross-attention memory.
+
+    Token t of row b sees the images `[0, counts[b, t])` of its row: a PREFIX (SPEC §3), so a block
+    of queries needs only the first `max(counts) * tokens_per_image` visual keys and a mask
+    `[B, 1, queries, keys]` built per block; the dense `[B, 1, T, N]` mask never exists.
+    """
+
+    counts: torch.Tensor
+    blocks: list[CrossBlock]
+
+    @staticmethod
+    def build(counts: torch.Tensor, tokens_per_image: int, heads: int, extra_keys: int, max_elements: int) -> CrossPlan:
+        """Group the queries of `counts` `[B, T]` into blocks of at most `max_elements`
+        (batch x `heads` x queries x (visual + `extra_keys`) keys) elements; one query at least."""
+        batch = counts.shape[0]
+        hi = counts.max(0).values.tolist()
+        lo = counts.min(0).values.tolist()
+        blocks: list[CrossBlock] = []
+        t0 = 0
+        while t0 < len(hi):
+            t1, most, least = t0 + 1, hi[t0], lo[t0]
+            while t1 < len(hi):
+                wider = max(most, hi[t1])
+                if (t1 + 1 - t0) * batch * heads * (wider * tokens_per_image + extra_keys) > max_elements:
+                    break
+                most, least, t1 = wider, min(least, lo[t1]), t1 + 1
+            blocks.append(CrossBlock(t0, t1, most, least == most))
+            t0 = t1
+        return CrossPlan(counts, blocks)
+
+
+@dataclass
 class StepContext:
     """What every layer of one forward needs besides its input.
 
-    `self_mask` `[B, 1, T, K]` (True = may attend); `cross_mask` `[B, 1, T, N]` and `has_image`
-    `[B, 1, T, 1]` (tokens that see at least one image) are None when the step has no images.
+    `self_mask` `[B, 1, T, K]` (True = may attend); `cross` says which images each token sees and is
+    None when the step has no images.
     """
 
     cos: torch.Tensor
@@ -57,8 +101,52 @@ class StepContext:
     self_mask: torch.Tensor
     cache: TextKVCache | None
     visual: VisualKV | None
-    cross_mask: torch.Tensor | None
-    has_image: torch.Tensor | None
+    cross: CrossPlan | None
+
+
+def fold_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """`[B, g * groups, L, d]` query heads -> `[B, g, groups * L, d]`: the query heads sharing one kv
+    head become extra queries of it (exact GQA with kernels that lack native GQA support)."""
+    b, h, length, d = x.shape
+    return x.reshape(b, h // groups, groups * length, d)
+
+
+def unfold_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Inverse of `fold_groups`."""
+    b, g, length, d = x.shape
+    return x.reshape(b, g * groups, length // groups, d)
+
+
+#: Up to this many query tokens (decoding), attention runs as two matrix products over all keys at once.
+FEW_QUERIES = 4
+#: Key slice length of `few_query_attention`'s second product.
+SPLIT_KEYS = 4096
+
+
+def few_query_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Softmax attention of a few queries `q` `[B, g, L, d]` over many keys `k`, `v` `[B, g, N, d]`
+    (`mask` `[B, 1, L, N]`, True = may attend), as two matrix products with an fp32 softmax.
+
+    Decoding against ~1e5-1e6 visual keys: fused attention kernels parallelise over query blocks and
+    heads only (a handful of blocks here) and crawl; the products use the whole GPU. The score
+    matrix `[B, g, L, N]` is small because L is.
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    # split the long key axis into slices summed in fp32: a product with a ~1e6-long inner axis and
+    # a tiny output would otherwise run on a few GPU blocks
+    b, g, length, n = probs.shape
+    main = n - n % SPLIT_KEYS
+    out = torch.matmul(probs[..., main:], v[:, :, main:]).float()
+    if main:
+        sliced = probs[..., :main].reshape(b, g, length, main // SPLIT_KEYS, SPLIT_KEYS).transpose(2, 3)
+        parts = torch.matmul(sliced, v[:, :, :main].reshape(b, g, main // SPLIT_KEYS, SPLIT_KEYS, v.shape[-1]))
+        out = out + parts.float().sum(2)
+    return out.to(v.dtype)
 
 
 class Qwen2Attention(nn.Module):
@@ -96,6 +184,51 @@ class Qwen2Attention(nn.Module):
         keys, values = kv[..., 0, :].transpose(1, 2), kv[..., 1, :].transpose(1, 2)
         return apply_rotary(keys, cos, sin), values
 
+    def image_attention(
+        self, q: torch.Tensor, ctx: StepContext, text_k: torch.Tensor | None = None, text_v: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Cross-attention of the queries `q` `[B, h, T, d]` to the visual K/V, block by block (`ctx.cross`).
+
+        Gated variant (no `text_k`): the visual context `[B, h, T, d]`; queries that see no image get
+        zeros (their result is discarded by the caller). Fused variant: attention over the visible
+        visual keys followed by the text keys `text_k`/`text_v` `[B, g, K, d]` under `ctx.self_mask`.
+        Per block only the visible visual prefix is read and only a `[B, 1, queries, keys]` mask is built.
+        """
+        plan, visual = ctx.cross, ctx.visual
+        p = visual.tokens_per_image
+        groups = self.num_heads // self.num_kv_heads
+        widest = max(block.num_images for block in plan.blocks) * p
+        vis_k, vis_v = visual.layer(self.hyper_index, widest, q.device, q.dtype)
+        token_image = torch.arange(widest, device=q.device) // p
+        parts = []
+        for block in plan.blocks:
+            n = block.num_images * p
+            qb = q[:, :, block.t0 : block.t1]
+            counts = plan.counts[:, block.t0 : block.t1, None]
+            if text_k is None:
+                if n == 0:
+                    parts.append(torch.zeros_like(qb))
+                    continue
+                keys, values = vis_k[:, :, :n], vis_v[:, :, :n]
+                # a row that sees no image gets an all-True mask (no NaN); the caller discards its result
+                mask = None if block.full else ((token_image[:n] < counts) | (counts == 0))[:, None]
+            elif n == 0:  # no image visible yet: plain text attention
+                self_mask = ctx.self_mask[:, :, block.t0 : block.t1]
+                parts.append(F.scaled_dot_product_attention(qb, text_k, text_v, attn_mask=self_mask, enable_gqa=True))
+                continue
+            else:
+                keys, values = torch.cat([vis_k[:, :, :n], text_k], 2), torch.cat([vis_v[:, :, :n], text_v], 2)
+                mask = torch.cat([(token_image[:n] < counts)[:, None], ctx.self_mask[:, :, block.t0 : block.t1]], -1)
+            if mask is not None:
+                mask = mask.repeat(1, 1, groups, 1)
+            folded = fold_groups(qb, groups)
+            if qb.shape[2] <= FEW_QUERIES:
+                out = few_query_attention(folded, keys, values, mask)
+            else:
+                out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask)
+            parts.append(unfold_groups(out, groups))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """`x` `[B, T, H]` (already input-normed) -> `[B, T, H]`."""
         b, t, _ = x.shape
@@ -105,23 +238,16 @@ class Qwen2Attention(nn.Module):
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.write(self.layer_idx, k, v)
-        use_images = self.hyper_index is not None and ctx.cross_mask is not None
-        if use_images and self.fused:
-            vis_k, vis_v = ctx.visual.keys[self.hyper_index], ctx.visual.values[self.hyper_index]
-            mask = torch.cat([ctx.cross_mask, ctx.self_mask], dim=-1)
-            context = F.scaled_dot_product_attention(
-                q, torch.cat([vis_k, k], 2), torch.cat([vis_v, v], 2), attn_mask=mask, enable_gqa=True
-            )
+        if self.hyper_index is None or ctx.cross is None:
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.self_mask, enable_gqa=True)
+        elif self.fused:
+            context = self.image_attention(q, ctx, k, v)
         else:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.self_mask, enable_gqa=True)
-            if use_images:
-                vis_k, vis_v = ctx.visual.keys[self.hyper_index], ctx.visual.values[self.hyper_index]
-                # Tokens that see no image get an all-True mask (no NaN); their result is discarded below.
-                cross_mask = ctx.cross_mask | ~ctx.has_image
-                vis_context = F.scaled_dot_product_attention(q, vis_k, vis_v, attn_mask=cross_mask, enable_gqa=True)
-                gate = self.gate_proj(context)
-                mixed = context * (1 - gate) + vis_context * gate
-                context = torch.where(ctx.has_image, mixed, context)
+            vis_context = self.image_attention(q, ctx)
+            gate = self.gate_proj(context)
+            mixed = context * (1 - gate) + vis_context * gate
+            context = torch.where((ctx.cross.counts > 0)[:, None, :, None], mixed, context)
         return self.o_proj(context.transpose(1, 2).reshape(b, t, -1))
 
 

@@ -12,8 +12,9 @@ from torch import nn
 
 from hyperowl.config import Owl3Config
 from hyperowl.engine.cache import TextKVCache, VisualKV
+from hyperowl.engine.visual import PixelStream, VisualOptions, plan_visual_memory
 from hyperowl.errors import PromptError
-from hyperowl.model.decoder import HyperQwen2ForCausalLM, StepContext, rotary_cos_sin
+from hyperowl.model.decoder import CrossPlan, HyperQwen2ForCausalLM, StepContext, rotary_cos_sin
 from hyperowl.model.vision import SiglipVisionTower
 
 if TYPE_CHECKING:
@@ -55,7 +56,11 @@ def image_positions(counts: torch.Tensor, position_ids: torch.Tensor, first_loca
 
 
 class Owl3ForCausalLM(nn.Module):
-    """mPLUG-Owl3 for generation and training; `forward(**processor_batch)` -> `Owl3Output`."""
+    """mPLUG-Owl3 for generation and training; `forward(**processor_batch)` -> `Owl3Output`.
+
+    `visual_options` (`hyperowl.engine.visual.VisualOptions`) bound the memory of image input: chunk
+    size, storage dtype/place of the visual K/V, memory budget, cross-attention block size.
+    """
 
     def __init__(self, config: Owl3Config) -> None:
         super().__init__()
@@ -64,6 +69,7 @@ class Owl3ForCausalLM(nn.Module):
         self.vision_model = SiglipVisionTower(config.vision_config)
         self.vision2text_model = nn.Linear(config.vision_config.hidden_size, config.hidden_size, bias=True)
         self.language_model = HyperQwen2ForCausalLM(config, fused)
+        self.visual_options = VisualOptions()
 
     @property
     def device(self) -> torch.device:
@@ -76,61 +82,111 @@ class Owl3ForCausalLM(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
         """`pixel_values` `[N, 3, S, S]` -> projected image features `[N, tokens_per_image, H]`, `chunk_size` images at a time."""
         chunk = chunk_size or max(1, pixel_values.shape[0])
-        parts = [
-            self.vision2text_model(self.vision_model(pixel_values[i : i + chunk].to(self.device, self.dtype)))
-            for i in range(0, pixel_values.shape[0], chunk)
-        ]
-        return torch.cat(parts)
+        return torch.cat([self.encode_chunk(pixel_values[i : i + chunk]) for i in range(0, pixel_values.shape[0], chunk)])
+
+    def encode_chunk(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`[n, 3, S, S]` (any device/dtype) -> projected features `[n, tokens_per_image, H]` on the model's device."""
+        pixels = pixel_values.to(self.device, self.dtype, non_blocking=True)
+        return self.vision2text_model(self.vision_model(pixels))
+
+    def allocate_visual(self, num_images: list[int], prompt_tokens: int) -> VisualKV:
+        """Empty visual K/V storage for rows of `num_images[b]` images, placed as `visual_options` say.
+
+        Raises:
+            ResourceLimitError: before anything is allocated, when the images would not fit in the
+                memory budget (the message says how many would).
+        """
+        cfg, opts = self.config, self.visual_options
+        plan = plan_visual_memory(cfg, sum(num_images), prompt_tokens, self.dtype, self.device, opts)
+        offload = plan.offload and self.device.type == "cuda"
+        return VisualKV.allocate(
+            len(self.language_model.model.hyper_layers),
+            num_images,
+            cfg.vision_config.tokens_per_image,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            opts.kv_dtype or self.dtype,
+            "cpu" if offload else self.device,
+            self.device,
+            pin_memory=offload,
+        )
+
+    def write_visual(
+        self, visual: VisualKV, image_embeds: torch.Tensor, first: int, rows: list[range], positions: list[torch.Tensor]
+    ) -> None:
+        """Turn the features `image_embeds` `[n, P, H]` of global images `first .. first + n - 1` into the
+        K/V of every hyper layer (SPEC §2.1-2.4) and write them into `visual`.
+
+        Row b owns global images `rows[b]`, stored at local index `global - rows[b].start`, with MI-Rope
+        positions `positions[b]` `[len(rows[b])]`.
+        """
+        n = image_embeds.shape[0]
+        for b, r in enumerate(rows):
+            lo, hi = max(first, r.start), min(first + n, r.stop)
+            if lo >= hi:
+                continue
+            feats = image_embeds[lo - first : hi - first]
+            pos = positions[b][lo - r.start : hi - r.start].to(feats.device)[:, None]
+            cos, sin = rotary_cos_sin(pos, self.config.head_dim, self.config.rope_theta, feats.dtype)
+            for index, layer in enumerate(self.language_model.model.hyper_layers):
+                k, v = layer.self_attn.visual_kv(layer.input_layernorm(feats), cos, sin)
+                visual.write(index, b, lo - r.start, k, v)
 
     def build_visual_kv(
         self,
         image_embeds: torch.Tensor,
         rows: list[range],
         positions: list[torch.Tensor],
+        chunk_size: int | None = None,
     ) -> VisualKV:
-        """Visual K/V of every hyper layer for each row (SPEC §2.1-2.4), computed once per request.
+        """Visual K/V of every hyper layer for each row from already encoded features, computed once per request.
 
         `image_embeds` `[N, P, H]`; row b's images are `image_embeds[rows[b]]` at MI-Rope positions
-        `positions[b]` `[len(rows[b])]`.
+        `positions[b]` `[len(rows[b])]`; `chunk_size` images at a time (default `visual_options`).
         """
-        n_max = max((len(r) for r in rows), default=0)
-        p = image_embeds.shape[1]
-        batch = len(rows)
-        padded = image_embeds.new_zeros(batch, n_max * p, image_embeds.shape[2])
-        pos = torch.zeros(batch, n_max * p, dtype=torch.long, device=image_embeds.device)
-        for b, r in enumerate(rows):
-            padded[b, : len(r) * p] = image_embeds[r.start : r.stop].flatten(0, 1)
-            pos[b, : len(r) * p] = positions[b].repeat_interleave(p)
-        cos, sin = rotary_cos_sin(pos, self.config.head_dim, self.config.rope_theta, image_embeds.dtype)
-        keys, values = [], []
-        for layer in self.language_model.model.hyper_layers:
-            k, v = layer.self_attn.visual_kv(layer.input_layernorm(padded), cos, sin)
-            keys.append(k)
-            values.append(v)
-        num_images = torch.tensor([len(r) for r in rows], dtype=torch.long, device=image_embeds.device)
-        return VisualKV(keys, values, num_images, p)
+        visual = self.allocate_visual([len(r) for r in rows], sum(len(r) for r in rows))
+        chunk = chunk_size or self.visual_options.chunk_size
+        for i in range(0, image_embeds.shape[0], chunk):
+            self.write_visual(visual, image_embeds[i : i + chunk], i, rows, positions)
+        return visual
 
     def prepare_visual(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | PixelStream,
         media_offset: torch.Tensor,
         position_ids: torch.Tensor,
         previous: VisualKV | None = None,
         chunk_size: int | None = None,
     ) -> VisualKV:
-        """Encode `pixel_values` and build their visual K/V; with `previous` (an earlier turn of the same
-        conversations, batch 1) the new images are appended after the cached ones."""
+        """Encode `pixel_values` (`[N, 3, S, S]`, or a `PixelStream` whose chunks are still being decoded)
+        and build their visual K/V chunk by chunk: each chunk goes pixels -> features -> K/V of every
+        hyper layer into preallocated storage, so memory holds one chunk of activations at a time.
+        With `previous` (an earlier turn of the same conversations, batch 1) the new images are
+        appended after the cached ones. `chunk_size` defaults to `visual_options.chunk_size`.
+        """
+        stream = pixel_values if isinstance(pixel_values, PixelStream) else PixelStream(pixel_values.shape[0], [pixel_values])
         if previous is None:
-            rows = image_rows(media_offset, pixel_values.shape[0])
+            rows = image_rows(media_offset, stream.total)
             first_local = [0] * len(rows)
         else:
             if media_offset.shape[0] != 1:
                 raise PromptError("adding images to a cached conversation is supported one conversation at a time")
-            rows = [range(0, pixel_values.shape[0])]
+            rows = [range(0, stream.total)]
             first_local = [int(previous.num_images[0])]
         counts = media_offset[..., 1] - media_offset[..., 0]
         positions = [image_positions(counts[b], position_ids[b], first_local[b], len(r)) for b, r in enumerate(rows)]
-        visual = self.build_visual_kv(self.encode_images(pixel_values, chunk_size), rows, positions)
+        visual = self.allocate_visual([len(r) for r in rows], int(media_offset.shape[0] * media_offset.shape[1]))
+        chunk = chunk_size or self.visual_options.chunk_size
+        done = 0
+        for pixels in stream.chunks:
+            for i in range(0, pixels.shape[0], chunk):
+                part = pixels[i : i + chunk]
+                if done + part.shape[0] > stream.total:
+                    raise PromptError(f"got more than the {stream.total} images the prompt has <|image|> tokens for")
+                self.write_visual(visual, self.encode_chunk(part), done, rows, positions)
+                done += part.shape[0]
+        if done != stream.total:
+            raise PromptError(f"the prompt has {stream.total} <|image|> tokens but only {done} images arrived")
         return visual if previous is None else previous.extend(visual)
 
     def forward(
@@ -138,7 +194,7 @@ class Owl3ForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         media_offset: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | PixelStream | None = None,
         labels: torch.Tensor | None = None,
         cache: TextKVCache | None = None,
         visual: VisualKV | None = None,
@@ -150,7 +206,8 @@ class Owl3ForCausalLM(nn.Module):
 
         `media_offset` `[B, T, 2]` (SPEC §3) says which images each token sees; without it, every token
         sees all images of its row (the decode rule). `cache` is updated in place; `visual` is reused
-        (new `pixel_values` are appended to it, encoded `vision_chunk_size` images at a time).
+        (new `pixel_values` `[N, 3, S, S]` or a `PixelStream` are appended to it, encoded
+        `vision_chunk_size` images at a time, default `visual_options.chunk_size`).
         `labels` `[B, T]` (-100 = ignore) give a shifted CE loss. Extra batch keys are ignored.
         """
         if attention_mask is None:
@@ -173,18 +230,22 @@ class Owl3ForCausalLM(nn.Module):
         query_col = torch.arange(k_len - t, k_len, device=device)[:, None]
         key_col = torch.arange(k_len, device=device)[None, :]
         self_mask = ((key_col <= query_col) & key_valid[:, None, :]) | (key_col == query_col)
-        cross_mask = has_image = None
+        cross = None
         if visual is not None and self.language_model.model.hyper_layers:
-            n_vis = visual.keys[0].shape[2]
-            image_of_token = torch.arange(n_vis, device=device) // visual.tokens_per_image
             if media_offset is not None:
                 counts = (media_offset[..., 1] - media_offset[..., 0]).to(device)
             else:
                 counts = visual.num_images[:, None].expand(-1, t)
-            cross_mask = (image_of_token[None, None, :] < counts[:, :, None])[:, None]
-            has_image = (counts > 0)[:, None, :, None]
+            cfg = self.config
+            cross = CrossPlan.build(
+                counts,
+                visual.tokens_per_image,
+                cfg.num_attention_heads,
+                k_len if cfg.fused_hyper_attention else 0,
+                self.visual_options.block_elements(device),
+            )
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, self.dtype)
-        ctx = StepContext(cos, sin, self_mask[:, None], cache, visual, cross_mask, has_image)
+        ctx = StepContext(cos, sin, self_mask[:, None], cache, visual, cross)
         hidden = self.language_model.model(input_ids, ctx)
         if cache is not None:
             cache.end_step(attention_mask)
@@ -200,7 +261,7 @@ class Owl3ForCausalLM(nn.Module):
         cfg = self.config
         return TextKVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, capacity, self.dtype, self.device)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> "GenerationOutput":
         """Generate from a processor batch; see `hyperowl.engine.generate.generate` for the options."""
         from hyperowl.engine.generate import generate

@@ -133,6 +133,21 @@ def iter_video_chunks(
     return _decode_chunks(open_container, name, targets, native_fps, chunk_size, progress)
 
 
+def count_sampled_frames(src: VideoFileSource, *, fps: float = 1.0, max_frames: int | None = 16) -> int:
+    """How many frames :func:`iter_video_chunks` keeps from ``src`` with these settings (reads the
+    header, no decoding), e.g. to size a prompt and preallocate before decoding starts.
+
+    Raises:
+        MediaError: missing or unreadable file, or no video stream.
+    """
+    name, open_container = _opener(src)
+    try:
+        num_frames, native_fps = _probe(open_container, name, fps)
+    except av.FFmpegError as exc:
+        raise MediaError(f"cannot read video {name}: {exc}") from exc
+    return len(sample_frame_indices(num_frames, native_fps, fps, max_frames))
+
+
 def _decode_chunks(
     open_container: Callable[[], av.container.InputContainer],
     name: str,

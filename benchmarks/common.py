@@ -1,0 +1,282 @@
+"""Shared pieces of the long-input benchmarks: presets, random models, the LLaVA token-concatenation
+baseline (transformers' `LlavaForConditionalGeneration`, sharing the LLM and vision tower weights
+with hyperowl), prompts, timers and a peak-memory meter."""
+
+from __future__ import annotations
+
+import copy
+import platform
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from hyperowl.config import PRESETS, Owl3Config, VisionConfig
+from hyperowl.model.owl3 import Owl3ForCausalLM
+
+IMAGE_ID = 7  # `<|image|>` of the random models (the model finds images through media_offset)
+TEXT_BEFORE, TEXT_AFTER = 6, 24  # prompt text around the images (system turn / question)
+
+#: Scaled-down Qwen2 + SigLIP with the 7B's proportions: 1 hyper layer in 7, GQA, vision tower much
+#: cheaper per token than the LLM; 36 visual tokens per frame so 2-core CPUs finish in minutes.
+CPU_SMALL = Owl3Config(
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=14,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rope_theta=1000000.0,
+    hyper_layers=[1, 8],
+    bos_token_id=None,
+    eos_token_id=None,
+    torch_dtype="float32",
+    vision_config=VisionConfig(
+        hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, image_size=48, patch_size=8
+    ),
+)
+
+
+@dataclass
+class Preset:
+    """A benchmark setting: model shapes, dtype, frame counts and limits."""
+
+    name: str
+    config: Owl3Config
+    dtype: torch.dtype
+    frames: list[int]
+    baseline_frames: list[int]
+    memory_budget: int
+    decode_frames: int
+    decode_tokens: int
+    chunk_size: int
+    baseline_time_limit_s: float
+
+
+PRESETS_BENCH: dict[str, Preset] = {
+    "cpu-small": Preset(
+        "cpu-small",
+        CPU_SMALL,
+        torch.float32,
+        [1, 8, 32, 100, 400, 1000, 1500, 2000],
+        [1, 8, 32, 64, 100, 128, 160, 200],
+        memory_budget=160 * 2**20,
+        decode_frames=100,
+        decode_tokens=12,
+        chunk_size=32,
+        baseline_time_limit_s=60.0,
+    ),
+    "7b": Preset(
+        "7b",
+        copy.deepcopy(PRESETS["7b"]),
+        torch.bfloat16,
+        [1, 8, 32, 100, 400, 1000, 2000],
+        [1, 8, 32, 100],
+        memory_budget=80 * 10**9,
+        decode_frames=400,
+        decode_tokens=16,
+        chunk_size=64,
+        baseline_time_limit_s=20.0,
+    ),
+    "tiny": Preset(
+        "tiny",
+        copy.deepcopy(PRESETS["tiny"]),
+        torch.float32,
+        [1, 8, 32],
+        [1, 8, 32],
+        memory_budget=64 * 2**20,
+        decode_frames=8,
+        decode_tokens=4,
+        chunk_size=8,
+        baseline_time_limit_s=10.0,
+    ),
+}
+
+
+def machine() -> str:
+    """One line naming the machine the numbers come from."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    cores = torch.get_num_threads()
+    return f"{platform.processor() or platform.machine()} CPU, {cores} threads (torch {torch.__version__})"
+
+
+@contextmanager
+def default_dtype_device(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def random_owl3(config: Owl3Config, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Owl3ForCausalLM:
+    """A randomly initialised model built directly on `device` in `dtype` (PyTorch's default inits)."""
+    torch.manual_seed(seed)
+    with default_dtype_device(dtype, device):
+        model = Owl3ForCausalLM(config)
+    return model.eval()
+
+
+def llava_baseline(owl: Owl3ForCausalLM) -> nn.Module:
+    """LLaVA-Next-Interleave design from transformers' classes: SigLIP features (hidden_states[-2],
+    all patches) -> 2-layer MLP projector -> visual tokens inserted into the Qwen2 sequence. The
+    vision tower, the LLM and its head share their tensors with `owl` (no copy)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+    c, v = owl.config, owl.config.vision_config
+    config = LlavaConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=v.hidden_size,
+            intermediate_size=v.intermediate_size,
+            num_hidden_layers=v.num_hidden_layers,
+            num_attention_heads=v.num_attention_heads,
+            image_size=v.image_size,
+            patch_size=v.patch_size,
+            layer_norm_eps=v.layer_norm_eps,
+            vision_use_head=False,
+        ),
+        text_config=Qwen2Config(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            rms_norm_eps=c.rms_norm_eps,
+            rope_theta=c.rope_theta,
+            max_position_embeddings=c.max_position_embeddings,
+            tie_word_embeddings=False,
+        ),
+        image_token_id=IMAGE_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="full",
+        projector_hidden_act="gelu",
+    )
+    with default_dtype_device(owl.dtype, torch.device("meta")):
+        llava = LlavaForConditionalGeneration(config)
+    ours = dict(owl.named_parameters())
+    for name, param in list(llava.named_parameters()):
+        mapped = (
+            name.replace("model.vision_tower.", "vision_model.")
+            .replace("model.language_model.", "language_model.model.")
+            .replace("lm_head.", "language_model.lm_head.")
+        )
+        module_name, leaf = name.rsplit(".", 1)
+        module = llava.get_submodule(module_name)
+        if mapped in ours:
+            module._parameters[leaf] = ours[mapped]
+        else:
+            fresh = torch.empty(param.shape, dtype=owl.dtype, device=owl.device).normal_(0, 0.02)
+            module._parameters[leaf] = nn.Parameter(fresh, requires_grad=False)
+    rotary = llava.model.language_model.rotary_emb
+    with owl.device:
+        llava.model.language_model.rotary_emb = type(rotary)(config.text_config)
+    embeddings = llava.model.vision_tower.embeddings
+    embeddings.position_ids = torch.arange(embeddings.position_ids.shape[-1], device=owl.device)[None]
+    return llava.eval()
+
+
+def owl3_batch(n: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """hyperowl prompt: text, one `<|image|>` per frame, question (batch 1, no pixels)."""
+    ids = torch.full((1, TEXT_BEFORE + n + TEXT_AFTER), 11, dtype=torch.long)
+    ids[0, TEXT_BEFORE : TEXT_BEFORE + n] = IMAGE_ID
+    is_image = ids == IMAGE_ID
+    seen = torch.cumsum(is_image, 1) - is_image.long()
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "media_offset": torch.stack([torch.zeros_like(seen), seen], -1).to(device),
+    }
+
+
+def llava_ids(n: int, tokens_per_image: int, device: torch.device) -> torch.Tensor:
+    """Baseline prompt: the same text with each frame's `tokens_per_image` visual tokens in the sequence."""
+    ids = torch.full((1, TEXT_BEFORE + n * tokens_per_image + TEXT_AFTER), 11, dtype=torch.long)
+    ids[0, TEXT_BEFORE : TEXT_BEFORE + n * tokens_per_image] = IMAGE_ID
+    return ids.to(device)
+
+
+def random_frames(n: int, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`[n, 3, size, size]` "decoded frames" in host memory (pinned when a GPU runs the model)."""
+    g = torch.Generator().manual_seed(n)
+    pool = torch.randn(min(n, 16), 3, size, size, generator=g).to(dtype)
+    frames = torch.empty(n, 3, size, size, dtype=dtype, pin_memory=device.type == "cuda")
+    for i in range(0, n, pool.shape[0]):
+        frames[i : i + pool.shape[0]] = pool[: n - i]
+    return frames
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - start
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of tensors created inside the block and alive at once (the CPU counterpart of
+    `torch.cuda.max_memory_allocated`; tensors from before the block, e.g. weights, do not count)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.refs: dict[int, int] = {}
+
+    def _release(self, key: int, size: int) -> None:
+        self.refs[key] -= 1
+        if not self.refs[key]:
+            del self.refs[key]
+            self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if not size:
+                continue
+            if key not in self.refs:
+                self.refs[key] = 0
+                self.live += size
+                self.peak = max(self.peak, self.live)
+            self.refs[key] += 1
+            weakref.finalize(t, self._release, key, size)
+        return out
+
+
+def measure(fn: Callable[[], Any], device: torch.device, track_memory: bool) -> tuple[Any, float, int | None]:
+    """Run `fn` once: (result, seconds, peak bytes above what was allocated before, or None).
+
+    On a GPU the peak comes from the caching allocator's statistics (no overhead); on the CPU
+    `track_memory` runs `fn` under `PeakTensorMemory` (slower: time that run separately)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        out, seconds = timed(fn, device)
+        return out, seconds, torch.cuda.max_memory_allocated(device) - before
+    if not track_memory:
+        out, seconds = timed(fn, device)
+        return out, seconds, None
+    meter = PeakTensorMemory()
+    with meter:
+        out, seconds = timed(fn, device)
+    return out, seconds, meter.peak
