@@ -18,31 +18,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from hyperowl.config import PRESETS, Owl3Config, VisionConfig
+from hyperowl.config import PRESETS, Owl3Config
 from hyperowl.model.owl3 import Owl3ForCausalLM
 
 IMAGE_ID = 7  # `<|image|>` of the random models (the model finds images through media_offset)
 TEXT_BEFORE, TEXT_AFTER = 6, 24  # prompt text around the images (system turn / question)
-
-#: Scaled-down Qwen2 + SigLIP with the 7B's proportions: 1 hyper layer in 7, GQA, vision tower much
-#: cheaper per token than the LLM; 36 visual tokens per frame so 2-core CPUs finish in minutes.
-CPU_SMALL = Owl3Config(
-    vocab_size=4096,
-    hidden_size=256,
-    intermediate_size=768,
-    num_hidden_layers=14,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rope_theta=1000000.0,
-    hyper_layers=[1, 8],
-    bos_token_id=None,
-    eos_token_id=None,
-    torch_dtype="float32",
-    vision_config=VisionConfig(
-        hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, image_size=48, patch_size=8
-    ),
-)
-
 
 @dataclass
 class Preset:
@@ -63,7 +43,7 @@ class Preset:
 PRESETS_BENCH: dict[str, Preset] = {
     "cpu-small": Preset(
         "cpu-small",
-        CPU_SMALL,
+        copy.deepcopy(PRESETS["cpu-small"]),
         torch.float32,
         [1, 8, 32, 100, 400, 1000, 1500, 2000],
         [1, 8, 32, 64, 100, 128, 160, 200],
@@ -131,32 +111,12 @@ def llava_baseline(owl: Owl3ForCausalLM) -> nn.Module:
     """LLaVA-Next-Interleave design from transformers' classes: SigLIP features (hidden_states[-2],
     all patches) -> 2-layer MLP projector -> visual tokens inserted into the Qwen2 sequence. The
     vision tower, the LLM and its head share their tensors with `owl` (no copy)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     c, v = owl.config, owl.config.vision_config
     config = LlavaConfig(
-        vision_config=SiglipVisionConfig(
-            hidden_size=v.hidden_size,
-            intermediate_size=v.intermediate_size,
-            num_hidden_layers=v.num_hidden_layers,
-            num_attention_heads=v.num_attention_heads,
-            image_size=v.image_size,
-            patch_size=v.patch_size,
-            layer_norm_eps=v.layer_norm_eps,
-            vision_use_head=False,
-        ),
-        text_config=Qwen2Config(
-            vocab_size=c.vocab_size,
-            hidden_size=c.hidden_size,
-            intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.num_hidden_layers,
-            num_attention_heads=c.num_attention_heads,
-            num_key_value_heads=c.num_key_value_heads,
-            rms_norm_eps=c.rms_norm_eps,
-            rope_theta=c.rope_theta,
-            max_position_embeddings=c.max_position_embeddings,
-            tie_word_embeddings=False,
-        ),
+        vision_config=v.to_transformers(vision_use_head=False),
+        text_config=c.to_transformers(tie_word_embeddings=False),
         image_token_id=IMAGE_ID,
         vision_feature_layer=-2,
         vision_feature_select_strategy="full",

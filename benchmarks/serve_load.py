@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import copy
+import dataclasses
 import io
 import os
 import socket
@@ -46,30 +48,14 @@ def cpu_small_checkpoint(path: Path) -> Path:
     """A random checkpoint small enough for CPU serving benchmarks, with a trained toy tokenizer."""
     import torch
 
-    from hyperowl.config import Owl3Config, VisionConfig
+    from hyperowl.config import PRESETS
     from hyperowl.model.owl3 import Owl3ForCausalLM
     from hyperowl.processing.tokenizer import ENDOFTEXT, IM_END, train_tokenizer
 
     corpus = [q + " The square is red. A blue circle on a white background. Picture 3." for q in QUESTIONS] * 50
     tokenizer = train_tokenizer(corpus, vocab_size=1024)
     stops = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
-    config = Owl3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        rope_theta=10000.0,
-        hyper_layers=[2, 4],
-        bos_token_id=None,
-        eos_token_id=stops,
-        torch_dtype="float32",
-        vision_config=VisionConfig(
-            hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=16
-        ),
-    )
+    config = dataclasses.replace(copy.deepcopy(PRESETS["cpu-small"]), vocab_size=len(tokenizer), eos_token_id=stops)
     torch.manual_seed(0)
     Owl3ForCausalLM(config).eval().save_pretrained(path)
     tokenizer.save_pretrained(str(path))

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+from transformers import Qwen2ForCausalLM, SiglipVisionModel
 
 from tests.tiny import random_model, tiny_config
 
@@ -20,22 +20,7 @@ def media_offset_for(ids: torch.Tensor, first: int = 0, extra_visible: int = 0) 
 
 
 def qwen2_oracle(model) -> Qwen2ForCausalLM:
-    c = model.config
-    hf = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=c.vocab_size,
-            hidden_size=c.hidden_size,
-            intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.num_hidden_layers,
-            num_attention_heads=c.num_attention_heads,
-            num_key_value_heads=c.num_key_value_heads,
-            rms_norm_eps=c.rms_norm_eps,
-            rope_theta=c.rope_theta,
-            max_position_embeddings=c.max_position_embeddings,
-            tie_word_embeddings=False,
-            attn_implementation="eager",
-        )
-    )
+    hf = Qwen2ForCausalLM(model.config.to_transformers(tie_word_embeddings=False, attn_implementation="eager"))
     state = {k.removeprefix("language_model."): v for k, v in model.state_dict().items() if k.startswith("language_model.")}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not missing
@@ -57,18 +42,7 @@ def test_text_only_logits_equal_transformers_qwen2():
 def test_vision_features_equal_transformers_siglip_hidden_states_minus_2():
     model = random_model()
     v = model.config.vision_config
-    hf = SiglipVisionModel(
-        SiglipVisionConfig(
-            hidden_size=v.hidden_size,
-            intermediate_size=v.intermediate_size,
-            num_hidden_layers=v.num_hidden_layers,
-            num_attention_heads=v.num_attention_heads,
-            image_size=v.image_size,
-            patch_size=v.patch_size,
-            layer_norm_eps=v.layer_norm_eps,
-            attn_implementation="eager",
-        )
-    ).eval()
+    hf = SiglipVisionModel(v.to_transformers(attn_implementation="eager")).eval()
     missing, unexpected = hf.load_state_dict(model.vision_model.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("head.") for k in missing)
     pixels = torch.randn(3, 3, v.image_size, v.image_size)
