@@ -14,6 +14,7 @@ COMMANDS = {
     "chat": "hyperowl.chat_cli",
     "serve": "hyperowl.serve.cli",
     "eval": "hyperowl.eval.cli",
+    "train": "hyperowl.train.cli",
 }
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default-model"

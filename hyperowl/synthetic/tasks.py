@@ -1,0 +1,192 @@
+"""Seeded synthetic question/answer tasks about pictures and short videos with known answers.
+
+A sample is fully determined by `(task, seed, index)`, so a data set never needs to be stored to be
+reproduced, and training/held-out splits are just different seeds. Answers are one word, a number
+or "colour shape", so accuracy is an exact match.
+
+Tasks (chance level in brackets):
+  single      one shape; its colour [1/6], its shape [1/4] or both ("red circle") [1/24]
+  digit       one digit 0-9 [1/10]
+  count       a scene of 1-3 small shapes; how many [1/3]
+  compare     two pictures; same colour / same shape? yes or no [1/2]
+  distractor  K pictures of distinct shapes ("Picture i: <|image|>"); which picture shows X [1/K],
+              or what colour is the shape in picture i [1/6]
+  video       3-5 shapes shown one after another at known times; what appeared first / last /
+              after X [1/number of shapes]
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from PIL import Image
+
+from hyperowl.processing.chat import render_chat
+from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
+from hyperowl.synthetic.draw import COLOURS, SHAPES, digit_picture, scene_picture, shape_picture
+from hyperowl.synthetic.video import SyntheticVideo, random_video
+
+
+@dataclass
+class Sample:
+    """One conversation: `messages` (user question, assistant `answer`), its pictures and videos.
+
+    `cut` says whether the pictures are meant to be cut into tiles (only ever True for
+    single-picture tasks; see `TaskOptions.cut_probability`).
+    """
+
+    task: str
+    messages: list[dict[str, str]]
+    images: list[Image.Image] = field(default_factory=list)
+    videos: list[SyntheticVideo] = field(default_factory=list)
+    answer: str = ""
+    cut: bool = False
+
+    @property
+    def question(self) -> str:
+        return self.messages[0]["content"]
+
+
+@dataclass
+class TaskOptions:
+    """Knobs shared by all tasks.
+
+    `image_size`: side of every picture in pixels. `distractors`: (min, max) number of pictures in
+    the distractor task (the held-out test uses 16, 16). `video_events`: (min, max) shapes per video.
+    `cut_probability`: chance that a single-picture sample is marked for cutting.
+    """
+
+    image_size: int = 32
+    distractors: tuple[int, int] = (16, 16)
+    video_events: tuple[int, int] = (3, 5)
+    cut_probability: float = 0.0
+
+
+COMBOS: list[tuple[str, str]] = [(c, s) for c in COLOURS for s in SHAPES]
+
+
+def _qa(question: str, answer: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def make_single(rng: random.Random, opts: TaskOptions) -> Sample:
+    colour, shape = rng.choice(COMBOS)
+    image, _ = shape_picture(rng, opts.image_size, colour, shape)
+    kind = rng.choice(("colour", "shape", "both"))
+    question, answer = {
+        "colour": ("What colour is the shape?", colour),
+        "shape": ("What shape is it?", shape),
+        "both": ("What is in the picture?", f"{colour} {shape}"),
+    }[kind]
+    cut = rng.random() < opts.cut_probability
+    return Sample("single", _qa(f"{IMAGE_TOKEN}\n{question}", answer), [image], answer=answer, cut=cut)
+
+
+def make_digit(rng: random.Random, opts: TaskOptions) -> Sample:
+    digit = rng.randrange(10)
+    image = digit_picture(rng, opts.image_size, digit, rng.choice(list(COLOURS)))
+    cut = rng.random() < opts.cut_probability
+    return Sample("digit", _qa(f"{IMAGE_TOKEN}\nWhich digit is shown?", str(digit)), [image], answer=str(digit), cut=cut)
+
+
+def make_count(rng: random.Random, opts: TaskOptions) -> Sample:
+    count = rng.randint(1, 3)
+    image, _ = scene_picture(rng, opts.image_size, count)
+    cut = rng.random() < opts.cut_probability
+    return Sample("count", _qa(f"{IMAGE_TOKEN}\nHow many shapes are there?", str(count)), [image], answer=str(count), cut=cut)
+
+
+def make_compare(rng: random.Random, opts: TaskOptions) -> Sample:
+    attribute = rng.choice(("colour", "shape"))
+    same = rng.random() < 0.5
+    first = rng.choice(COMBOS)
+    if attribute == "colour":
+        colour = first[0] if same else rng.choice([c for c in COLOURS if c != first[0]])
+        second = (colour, rng.choice(SHAPES))
+    else:
+        shape = first[1] if same else rng.choice([s for s in SHAPES if s != first[1]])
+        second = (rng.choice(list(COLOURS)), shape)
+    images = [shape_picture(rng, opts.image_size, *combo)[0] for combo in (first, second)]
+    prompt = f"Picture 1: {IMAGE_TOKEN}\nPicture 2: {IMAGE_TOKEN}\nDo the two shapes have the same {attribute}?"
+    answer = "yes" if same else "no"
+    return Sample("compare", _qa(prompt, answer), images, answer=answer)
+
+
+def make_distractor(rng: random.Random, opts: TaskOptions) -> Sample:
+    k = rng.randint(*opts.distractors)
+    if not 1 <= k <= len(COMBOS):
+        raise ValueError(f"distractor pictures must be 1..{len(COMBOS)}, got {k}")
+    combos = rng.sample(COMBOS, k)
+    images = [shape_picture(rng, opts.image_size, *combo)[0] for combo in combos]
+    target = rng.randrange(k)
+    listing = "".join(f"Picture {i + 1}: {IMAGE_TOKEN}\n" for i in range(k))
+    if rng.random() < 0.5:
+        question, answer = f"Which picture shows a {combos[target][0]} {combos[target][1]}?", str(target + 1)
+    else:
+        question, answer = f"What colour is the shape in picture {target + 1}?", combos[target][0]
+    return Sample("distractor", _qa(listing + question, answer), images, answer=answer)
+
+
+def make_video(rng: random.Random, opts: TaskOptions) -> Sample:
+    video = random_video(rng, opts.image_size, rng.randint(*opts.video_events))
+    names = [event.item.name for event in video.events]
+    kind = rng.choice(("first", "last", "after"))
+    if kind == "first":
+        question, answer = "What appeared first?", names[0]
+    elif kind == "last":
+        question, answer = "What appeared last?", names[-1]
+    else:
+        i = rng.randrange(len(names) - 1)
+        question, answer = f"What appeared after the {names[i]}?", names[i + 1]
+    return Sample("video", _qa(f"{VIDEO_TOKEN}\n{question}", answer), videos=[video], answer=answer)
+
+
+TASKS: dict[str, Callable[[random.Random, TaskOptions], Sample]] = {
+    "single": make_single,
+    "digit": make_digit,
+    "count": make_count,
+    "compare": make_compare,
+    "distractor": make_distractor,
+    "video": make_video,
+}
+
+
+def make_sample(task: str, seed: int, index: int, opts: TaskOptions | None = None) -> Sample:
+    """Sample number `index` of `task` for `seed`: the same arguments always give the same sample."""
+    if task not in TASKS:
+        raise ValueError(f"unknown synthetic task {task!r}; choose from {', '.join(TASKS)}")
+    return TASKS[task](random.Random(f"{task}:{seed}:{index}"), opts or TaskOptions())
+
+
+class TaskMixture:
+    """An endless, indexable stream of samples drawn from several tasks with relative `weights`.
+
+    `mixture[i]` picks the task of sample i from `(seed, i)` and then builds `make_sample(task, seed, i)`.
+    """
+
+    def __init__(self, weights: dict[str, float], seed: int, opts: TaskOptions | None = None) -> None:
+        unknown = [t for t in weights if t not in TASKS]
+        if unknown or not weights:
+            raise ValueError(f"unknown or no synthetic tasks {unknown}; choose from {', '.join(TASKS)}")
+        self.tasks = list(weights)
+        self.weights = [float(weights[t]) for t in self.tasks]
+        self.seed = seed
+        self.opts = opts or TaskOptions()
+
+    def task_of(self, index: int) -> str:
+        return random.Random(f"mixture:{self.seed}:{index}").choices(self.tasks, self.weights)[0]
+
+    def __getitem__(self, index: int) -> Sample:
+        return make_sample(self.task_of(index), self.seed, index, self.opts)
+
+
+def corpus(seed: int = 0, n: int = 2000, opts: TaskOptions | None = None) -> list[str]:
+    """`n` conversations of every task rendered in ChatML, e.g. to train a tokenizer on."""
+    texts: list[str] = []
+    for task in TASKS:
+        for i in range(n):
+            sample = make_sample(task, seed, i, opts)
+            texts.append(render_chat(sample.messages))
+    return texts
+

@@ -1,0 +1,1 @@
+"""Training and fine-tuning: recipes (`TrainConfig`), data, policies, the loop (`train`)."""

@@ -1,0 +1,268 @@
+"""Training data: JSONL conversations (ms-swift layout) or in-memory synthetic tasks, encoded into
+label-masked batches.
+
+JSONL row: `{"messages": [{"role": "user", "content": "<|image|>..."}, {"role": "assistant", ...}],
+"images": [...], "videos": [...]}`; media paths relative to the JSONL's folder. Rows that cannot be
+used are reported with their line number and skipped or fatal (`on_bad_row`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import av
+import torch
+from PIL import Image
+
+from hyperowl.errors import HyperowlError
+from hyperowl.processing.chat import ROLES
+from hyperowl.processing.processor import IGNORE_INDEX, Owl3Processor
+from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
+from hyperowl.processing.video import VideoClip
+from hyperowl.synthetic.tasks import TaskMixture
+
+log = logging.getLogger("hyperowl.train")
+
+
+class DataError(HyperowlError, ValueError):
+    """A training data row is malformed or names media that cannot be read."""
+
+
+@dataclass
+class Example:
+    """One conversation to train on. `images`/`videos`: paths, PIL images or `VideoClip`s.
+    `cut`: cut the images into tiles (None: the data set's setting). `where`: `file:line` for reports."""
+
+    messages: list[dict[str, str]]
+    images: list[Any] = field(default_factory=list)
+    videos: list[Any] = field(default_factory=list)
+    cut: bool | None = None
+    where: str = ""
+
+
+def _row_problem(row: Any, folder: Path) -> str | None:
+    """Why a parsed JSONL row cannot be trained on, or None if it is fine (media are opened)."""
+    if not isinstance(row, dict):
+        return "the row is not a JSON object"
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list"
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            return f"bad message {m!r}: needs role in {ROLES} and string content"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no assistant turn to learn from"
+    text = "".join(m["content"] for m in messages)
+    for key, token in (("images", IMAGE_TOKEN), ("videos", VIDEO_TOKEN)):
+        media = row.get(key, [])
+        if not isinstance(media, list) or not all(isinstance(p, str) for p in media):
+            return f"'{key}' must be a list of file paths"
+        if text.count(token) != len(media):
+            return f"{text.count(token)} {token} placeholder(s) but {len(media)} {key}"
+        for p in media:
+            path = folder / p
+            if not path.is_file():
+                return f"missing file {path}"
+            problem = _media_problem(path, key)
+            if problem:
+                return problem
+    return None
+
+
+def _media_problem(path: Path, kind: str) -> str | None:
+    try:
+        if kind == "images":
+            with Image.open(path) as image:
+                image.verify()
+        else:
+            with av.open(str(path)) as container:
+                if not container.streams.video:
+                    return f"no video stream in {path}"
+    except (OSError, SyntaxError, ValueError, av.FFmpegError) as exc:
+        return f"unreadable {kind[:-1]} {path}: {exc}"
+    return None
+
+
+class JsonlDataset:
+    """The usable rows of a JSONL file; `dataset[i]` -> `Example`. Bad rows are reported on load."""
+
+    def __init__(self, path: str | Path, on_bad_row: Literal["skip", "fail"] = "fail") -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"training file not found: {path}")
+        self.path = path
+        self.examples: list[Example] = []
+        self.skipped: list[tuple[int, str]] = []
+        for line_no, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                problem = _row_problem(row, path.parent)
+            except json.JSONDecodeError as exc:
+                problem = f"invalid JSON: {exc}"
+            where = f"{path}:{line_no}"
+            if problem is not None:
+                if on_bad_row == "fail":
+                    raise DataError(f"{where}: {problem} (set on_bad_row: skip to skip such rows)")
+                log.warning("skipping %s: %s", where, problem)
+                self.skipped.append((line_no, problem))
+                continue
+            self.examples.append(
+                Example(
+                    messages=row["messages"],
+                    images=[str(path.parent / p) for p in row.get("images", [])],
+                    videos=[str(path.parent / p) for p in row.get("videos", [])],
+                    where=where,
+                )
+            )
+        if self.skipped:
+            log.warning("skipped %d bad row(s) of %s", len(self.skipped), path)
+        if not self.examples:
+            raise DataError(f"no usable rows in {path}")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.examples[index]
+
+
+class SyntheticDataset:
+    """Endless synthetic samples (`hyperowl.synthetic`), videos as the frames the processor would sample."""
+
+    def __init__(self, mixture: TaskMixture, fps: float, max_frames: int) -> None:
+        self.mixture = mixture
+        self.fps = fps
+        self.max_frames = max_frames
+
+    def __getitem__(self, index: int) -> Example:
+        s = self.mixture[index]
+        videos = [v.clip(self.fps, self.max_frames) for v in s.videos]
+        return Example(s.messages, s.images, videos, s.cut, where=f"synthetic sample {index} ({s.task})")
+
+
+@dataclass
+class Encoded:
+    """One tokenized conversation: `input_ids`, `labels` `[T]`, `seen` `[T]` (images strictly before each
+    token) and `pixel_values` `[n, 3, S, S]` (None without images)."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    seen: torch.Tensor
+    pixel_values: torch.Tensor | None
+
+    @property
+    def num_images(self) -> int:
+        return 0 if self.pixel_values is None else self.pixel_values.shape[0]
+
+
+def encode(processor: Owl3Processor, example: Example, cut_enable: bool) -> Encoded:
+    """Tokenize `example` with labels on the assistant answers only (content, `<|im_end|>`, `<|endoftext|>`)."""
+    cut = cut_enable if example.cut is None else example.cut
+    try:
+        batch = processor(
+            example.messages,
+            images=example.images,
+            videos=example.videos,
+            cut_enable=cut,
+            add_generation_prompt=False,
+            return_labels=True,
+        )
+    except HyperowlError as exc:
+        raise DataError(f"{example.where}: {exc}") from exc
+    offset = batch["media_offset"][0]
+    return Encoded(batch["input_ids"][0], batch["labels"][0], offset[:, 1] - offset[:, 0], batch["pixel_values"])
+
+
+def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor | None]:
+    """Left-pad encoded conversations into one model batch (the processor's batch layout).
+
+    Returns `input_ids`, `attention_mask`, `labels` `[B, T]`, `media_offset` `[B, T, 2]` and
+    `pixel_values` `[sum n_b, 3, S, S]` (sample 0's images first) or None.
+    """
+    length = max(item.input_ids.shape[0] for item in items)
+    b = len(items)
+    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
+    labels = torch.full((b, length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((b, length), dtype=torch.long)
+    seen = torch.zeros((b, length), dtype=torch.long)
+    firsts = []
+    first = 0
+    for row, item in enumerate(items):
+        t = item.input_ids.shape[0]
+        input_ids[row, length - t :] = item.input_ids
+        labels[row, length - t :] = item.labels
+        attention_mask[row, length - t :] = 1
+        seen[row, length - t :] = item.seen
+        firsts.append(first)
+        first += item.num_images
+    start = torch.tensor(firsts, dtype=torch.long)[:, None].expand(b, length)
+    pixels = [item.pixel_values for item in items if item.pixel_values is not None]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "media_offset": torch.stack([start, start + seen], dim=-1),
+        "pixel_values": torch.cat(pixels) if pixels else None,
+    }
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Item `k` = the `k`-th micro-batch of this process, collated (usable by a `DataLoader` with workers).
+
+    Optimizer step `s` uses global sample positions `[s*G, (s+1)*G)` with `G = batch * accum * world`;
+    rank `r` takes the contiguous slice `r*batch*accum ...` of them, `batch` per micro-batch. Position
+    `p` of a finite data set of N rows is row `perm(p // N)[p % N]`, a fresh seeded permutation per epoch.
+    """
+
+    def __init__(
+        self,
+        dataset: JsonlDataset | SyntheticDataset,
+        processor: Owl3Processor,
+        cut_enable: bool,
+        batch_size: int,
+        grad_accum: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        total_steps: int,
+    ) -> None:
+        self.dataset = dataset
+        self.processor = processor
+        self.cut_enable = cut_enable
+        self.batch_size = batch_size
+        self.grad_accum = grad_accum
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.total_steps = total_steps
+        self._perms: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return self.total_steps * self.grad_accum
+
+    def row(self, position: int) -> int:
+        if isinstance(self.dataset, SyntheticDataset):
+            return position
+        n = len(self.dataset)
+        epoch = position // n
+        if epoch not in self._perms:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(n, generator=generator).tolist()}
+        return self._perms[epoch][position % n]
+
+    def positions(self, k: int) -> range:
+        """Global sample positions of micro-batch `k` of this rank."""
+        step, micro = divmod(k, self.grad_accum)
+        per_rank = self.batch_size * self.grad_accum
+        start = step * per_rank * self.world_size + self.rank * per_rank + micro * self.batch_size
+        return range(start, start + self.batch_size)
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor | None]:
+        items = [encode(self.processor, self.dataset[self.row(p)], self.cut_enable) for p in self.positions(k)]
+        return collate(items, self.processor.pad_token_id)

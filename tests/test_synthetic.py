@@ -1,0 +1,97 @@
+"""Synthetic tasks: seeded, media written as described, videos with events at the stated times."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hyperowl.cli import DEFAULT_MODEL
+from hyperowl.processing.tokenizer import IMAGE_TOKEN
+from hyperowl.processing.video import load_video
+from hyperowl.synthetic import TASKS, TaskMixture, TaskOptions, make_sample, write_dataset
+from hyperowl.synthetic.draw import COLOURS
+from hyperowl.synthetic.evaluate import answer_samples
+from hyperowl.synthetic.video import NATIVE_FPS
+
+
+def pixels(sample):
+    return [np.asarray(image) for image in sample.images] + [
+        np.asarray(frame) for video in sample.videos for frame in video.clip().frames
+    ]
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_same_seed_same_sample(task):
+    a, b = make_sample(task, 7, 3), make_sample(task, 7, 3)
+    assert a.messages == b.messages and a.answer == b.answer
+    assert all(np.array_equal(x, y) for x, y in zip(pixels(a), pixels(b)))
+    others = [make_sample(task, 8, i) for i in range(5)]
+    assert any(o.messages != a.messages or not all(np.array_equal(x, y) for x, y in zip(pixels(o), pixels(a))) for o in others)
+
+
+def test_mixture_is_seeded_and_follows_weights():
+    mixture = TaskMixture({"single": 3, "compare": 1}, seed=1)
+    tasks = [mixture.task_of(i) for i in range(400)]
+    assert tasks == [TaskMixture({"single": 3, "compare": 1}, seed=1).task_of(i) for i in range(400)]
+    assert 0.65 < tasks.count("single") / 400 < 0.85
+
+
+def test_answers_are_consistent_with_questions():
+    opts = TaskOptions(distractors=(16, 16))
+    for i in range(20):
+        s = make_sample("distractor", 0, i, opts)
+        assert s.question.count(IMAGE_TOKEN) == len(s.images) == 16
+        s = make_sample("compare", 0, i)
+        assert s.answer in ("yes", "no") and len(s.images) == 2
+        s = make_sample("video", 0, i)
+        names = [e.item.name for e in s.videos[0].events]
+        assert len(set(names)) == len(names) and s.answer in names
+        if "first" in s.question:
+            assert s.answer == names[0]
+
+
+def test_video_events_happen_at_stated_times(tmp_path):
+    video = make_sample("video", 3, 0, TaskOptions(image_size=32)).videos[0]
+    path = tmp_path / "v.mp4"
+    video.write_mp4(path)
+    clip = load_video(str(path), fps=NATIVE_FPS, max_frames=None)  # every frame
+    assert len(clip) == video.num_frames()
+    for event in video.events:
+        x, y = event.item.centre
+        for t in (event.start, (event.start + event.end) / 2, event.end - 1 / NATIVE_FPS):
+            frame = np.asarray(clip.frames[round(t * NATIVE_FPS)]).astype(int)
+            assert np.abs(frame[y, x] - COLOURS[event.item.colour]).max() < 40, (event, t)
+        after = round(event.end * NATIVE_FPS)
+        if after < len(clip):  # the shape is gone once its event ends
+            frame = np.asarray(clip.frames[after]).astype(int)
+            assert np.abs(frame[y, x] - COLOURS[event.item.colour]).max() > 40 or any(
+                e.start == event.end and e.item.colour == event.item.colour for e in video.events
+            )
+    # the in-memory clip is what the processor samples from the file (1 frame per second)
+    sampled, memory = load_video(str(path), fps=1.0, max_frames=16), video.clip(1.0, 16)
+    assert sampled.timestamps == pytest.approx(memory.timestamps)
+    for a, b in zip(sampled.frames, memory.frames):
+        assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).mean() < 6
+
+
+def test_write_dataset_layout(tmp_path):
+    jsonl = write_dataset(tmp_path, ["single", "compare", "video"], n=2, seed=0)
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert len(rows) == 6
+    for row in rows:
+        for media in row["images"] + row["videos"]:
+            assert not media.startswith("/") and (tmp_path / media).is_file()
+        assert row["messages"][-1] == {"role": "assistant", "content": row["answer"]}
+
+
+def test_default_model_answers_a_synthetic_question():
+    from hyperowl.model.owl3 import Owl3ForCausalLM
+    from hyperowl.processing.processor import Owl3Processor
+
+    model = Owl3ForCausalLM.from_pretrained(DEFAULT_MODEL)
+    processor = Owl3Processor.from_pretrained(DEFAULT_MODEL)
+    opts = TaskOptions(image_size=model.config.vision_config.image_size)
+    sample = make_sample("single", 12345, 0, opts)
+    assert answer_samples(model, processor, [sample], cut_enable=False) == [sample.answer]
