@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -137,3 +138,11 @@ def test_chat_command_with_a_video_file(owl, tiny_checkpoint, tmp_path, capsys):
     out = model.generate(**batch, max_new_tokens=4, stop_token_ids=processor.stop_token_ids)
     ids = [i for i in out.sequences[0, : out.num_generated[0]].tolist() if i not in processor.stop_token_ids]
     assert capsys.readouterr().out == f"owl> {processor.decode(ids, skip_special_tokens=True)}\n"
+
+
+def test_quick_start_uses_the_bundled_model(capsys):
+    """The README's first command: no --model, the bundled default model answers."""
+    example = Path(__file__).parents[1] / "examples" / "red-circle.png"
+    code = main(["chat", "--image", str(example), "What colour is the shape?"])
+    assert code == 0
+    assert capsys.readouterr().out == "owl> red\n"

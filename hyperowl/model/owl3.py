@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from hyperowl.config import Owl3Config
 from hyperowl.engine.cache import TextKVCache, VisualKV
@@ -178,13 +179,16 @@ class Owl3ForCausalLM(nn.Module):
         visual = self.allocate_visual([len(r) for r in rows], int(media_offset.shape[0] * media_offset.shape[1]))
         chunk = chunk_size or self.visual_options.chunk_size
         done = 0
-        for pixels in stream.chunks:
-            for i in range(0, pixels.shape[0], chunk):
-                part = pixels[i : i + chunk]
-                if done + part.shape[0] > stream.total:
-                    raise PromptError(f"got more than the {stream.total} images the prompt has <|image|> tokens for")
-                self.write_visual(visual, self.encode_chunk(part), done, rows, positions)
-                done += part.shape[0]
+        # shown on a terminal only, and only when encoding takes more than a second
+        with tqdm(total=stream.total, desc="vision", unit="img", delay=1.0, disable=None, leave=False) as bar:
+            for pixels in stream.chunks:
+                for i in range(0, pixels.shape[0], chunk):
+                    part = pixels[i : i + chunk]
+                    if done + part.shape[0] > stream.total:
+                        raise PromptError(f"got more than the {stream.total} images the prompt has <|image|> tokens for")
+                    self.write_visual(visual, self.encode_chunk(part), done, rows, positions)
+                    done += part.shape[0]
+                    bar.update(part.shape[0])
         if done != stream.total:
             raise PromptError(f"the prompt has {stream.total} <|image|> tokens but only {done} images arrived")
         return visual if previous is None else previous.extend(visual)
