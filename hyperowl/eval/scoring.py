@@ -146,14 +146,6 @@ class Summary:
         )
 
 
-def group_correct(records: Iterable[Record]) -> dict[str, bool]:
-    """Per group: True when every request of the group is right (circular / all-variants rule)."""
-    result: dict[str, bool] = {}
-    for record in records:
-        result[record.group] = result.get(record.group, True) and record.correct
-    return result
-
-
 def summarize(records: Sequence[Record], benchmark: str, label: str) -> Summary:
     """Aggregate records into a :class:`Summary` (every breakdown counts groups, not requests)."""
     by_group: dict[str, list[Record]] = defaultdict(list)

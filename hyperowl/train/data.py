@@ -22,7 +22,6 @@ from hyperowl.errors import HyperowlError
 from hyperowl.processing.chat import ROLES
 from hyperowl.processing.processor import IGNORE_INDEX, Owl3Processor
 from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
-from hyperowl.processing.video import VideoClip
 from hyperowl.synthetic.tasks import TaskMixture
 
 log = logging.getLogger("hyperowl.train")
