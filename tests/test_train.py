@@ -169,3 +169,12 @@ def test_recipe_flags_override_yaml(tmp_path):
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("set_")}
     cfg = TrainConfig.from_yaml(args.config, overrides)
     assert cfg.steps == 3 and cfg.bf16 is False and cfg.adam_betas == [0.9, 0.95] and cfg.synthetic_tasks == {"single": 1}
+
+
+@pytest.mark.parametrize("name", ["hyper", "full", "lora"])
+def test_shipped_fine_tuning_recipes_parse(name):
+    from hyperowl.train.config import TrainConfig
+
+    recipe = Path(__file__).parents[1] / "recipes" / f"{name}.yaml"
+    config = TrainConfig.from_yaml(recipe, {"init_from": "ckpt", "train_file": "data.jsonl"})
+    assert config.policy == name and not config.train_vision
