@@ -26,7 +26,8 @@ import torch
 import uvicorn
 from PIL import Image
 
-from hyperowl.engine.batching import DecodeBatch, prefill
+from hyperowl.engine.batching import DecodeBatch
+from hyperowl.engine.generate import prefill
 from hyperowl.engine.sampling import SamplingParams
 from hyperowl.model.owl3 import Owl3ForCausalLM
 from hyperowl.processing.processor import Owl3Processor
@@ -567,7 +568,7 @@ def test_mixed_batch_rows_equal_their_own_generation(ref: Reference) -> None:
         for step in range(40):
             for index, (messages, images, at, _) in enumerate(requests):
                 if at == step:
-                    logits, cache, visual = prefill(model, processor(messages, images=images))
+                    logits, cache, visual = prefill(model, **processor(messages, images=images))
                     batch.join(cache, visual)
                     rows.append((index, [int(logits[0].argmax())]))
             if rows:

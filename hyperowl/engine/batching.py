@@ -1,4 +1,4 @@
-"""Continuous batching: requests prefilled one by one join a running decode batch and leave it when done.
+"""Continuous batching: requests prefilled one by one (`hyperowl.engine.generate.prefill`) join a running decode batch and leave it when done.
 
 A `DecodeBatch` holds one text KV cache and one `VisualKV` for all running rows. A row without
 images gets an empty visual row (`num_images = 0`, zero-length K/V padded with zeros by
@@ -8,8 +8,7 @@ left, the batch drops its visual K/V altogether.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -85,23 +84,3 @@ class DecodeBatch:
             raise RuntimeError("step() on an empty batch")
         out = self.model(tokens.to(self.model.device)[:, None], cache=self.cache, visual=self.visual, logits_to_keep=1)
         return out.logits[:, -1]
-
-
-def prefill(
-    model: Owl3ForCausalLM, batch: Mapping[str, Any], vision_chunk_size: int | None = None
-) -> tuple[torch.Tensor, TextKVCache, VisualKV | None]:
-    """Run the prompt of a processor batch on its own: next-token logits `[B, vocab]`, its cache and visual K/V."""
-    device = model.device
-    input_ids = batch["input_ids"].to(device)
-    media_offset, pixel_values = batch.get("media_offset"), batch.get("pixel_values")
-    cache = model.new_cache(input_ids.shape[0], input_ids.shape[1] + 1)
-    out = model(
-        input_ids,
-        attention_mask=batch["attention_mask"].to(device),
-        media_offset=None if media_offset is None else media_offset.to(device),
-        pixel_values=pixel_values,
-        cache=cache,
-        logits_to_keep=1,
-        vision_chunk_size=vision_chunk_size,
-    )
-    return out.logits[:, -1], cache, out.visual

@@ -47,6 +47,45 @@ def make_params(params: SamplingParams | None, **kwargs: Any) -> SamplingParams:
     return SamplingParams(**known)
 
 
+#: The keys of a processor batch that `prefill` and the model take.
+MODEL_INPUTS = ("input_ids", "attention_mask", "media_offset", "pixel_values")
+
+
+@torch.no_grad()
+def prefill(
+    model: "Owl3ForCausalLM",
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    media_offset: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    cache: TextKVCache | None = None,
+    visual: VisualKV | None = None,
+    extra_tokens: int = 1,
+    vision_chunk_size: int | None = None,
+) -> tuple[torch.Tensor, TextKVCache, VisualKV | None]:
+    """Run a prompt `[B, T]` (or, with `cache`/`visual`, the continuation of cached conversations) into a
+    text KV cache with room for `extra_tokens` more; return the next-token logits `[B, vocab]`, the cache
+    and the visual K/V (encoded here, once, for the new `pixel_values`)."""
+    device = model.device
+    input_ids = input_ids.to(device)
+    batch, prompt_len = input_ids.shape
+    if cache is None:
+        cache = model.new_cache(batch, prompt_len + extra_tokens)
+    else:
+        cache.reserve(prompt_len + extra_tokens)
+    out = model(
+        input_ids,
+        attention_mask=None if attention_mask is None else attention_mask.to(device),
+        media_offset=None if media_offset is None else media_offset.to(device),
+        pixel_values=pixel_values,
+        cache=cache,
+        visual=visual,
+        logits_to_keep=1,
+        vision_chunk_size=vision_chunk_size,
+    )
+    return out.logits[:, -1], cache, out.visual
+
+
 @torch.no_grad()
 def stream_tokens(
     model: "Owl3ForCausalLM",
@@ -70,31 +109,19 @@ def stream_tokens(
     params = params or SamplingParams()
     device = model.device
     input_ids = input_ids.to(device)
-    batch, prompt_len = input_ids.shape
+    batch = input_ids.shape[0]
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
     stops = torch.tensor(stop_token_ids if stop_token_ids is not None else default_stop_ids(model), device=device)
-    if cache is None:
-        cache = model.new_cache(batch, prompt_len + params.max_new_tokens)
-    else:
-        cache.reserve(prompt_len + params.max_new_tokens)
     state = {} if state is None else state
     start = time.perf_counter()
-    out = model(
-        input_ids,
-        attention_mask=attention_mask,
-        media_offset=None if media_offset is None else media_offset.to(device),
-        pixel_values=pixel_values,
-        cache=cache,
-        visual=visual,
-        logits_to_keep=1,
-        vision_chunk_size=vision_chunk_size,
+    logits, cache, visual = prefill(
+        model, input_ids, attention_mask, media_offset, pixel_values, cache, visual, params.max_new_tokens, vision_chunk_size
     )
-    state.update(cache=cache, visual=out.visual)
+    state.update(cache=cache, visual=visual)
     generator = params.generator(device)
     history = [input_ids[b][attention_mask[b].bool()] for b in range(batch)]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     last = torch.zeros(batch, dtype=torch.long, device=device)
-    logits = out.logits[:, -1]
     for step in range(params.max_new_tokens):
         chosen = torch.tensor(
             [sample_row(logits[b], params, history[b], generator) for b in range(batch)], dtype=torch.long, device=device
@@ -109,7 +136,7 @@ def stream_tokens(
             break
         if params.repetition_penalty != 1.0:
             history = [torch.cat([h, token[b : b + 1]]) for b, h in enumerate(history)]
-        logits = model(token[:, None], cache=cache, visual=out.visual, logits_to_keep=1).logits[:, -1]
+        logits = model(token[:, None], cache=cache, visual=visual, logits_to_keep=1).logits[:, -1]
 
 
 def generate(
@@ -166,7 +193,7 @@ def stream_text(
     stops = processor.stop_token_ids
     text = TextStream(lambda ids: processor.decode(ids, skip_special_tokens=True))
     state["token_ids"] = sampled = []
-    model_inputs = {k: inputs.get(k) for k in ("input_ids", "attention_mask", "media_offset", "pixel_values")}
+    model_inputs = {k: inputs.get(k) for k in MODEL_INPUTS}
     for token in stream_tokens(model, **model_inputs, params=params, stop_token_ids=stops, state=state, **stream_options):
         sampled.append(int(token[0]))
         if sampled[-1] in stops:

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hyperowl.engine.batching import DecodeBatch, prefill
+from hyperowl.engine.batching import DecodeBatch
+from hyperowl.engine.generate import MODEL_INPUTS, prefill
 from hyperowl.engine.sampling import SamplingParams, sample_row
 from hyperowl.serve.errors import ApiError, overloaded
 from hyperowl.serve.metrics import ServerMetrics
@@ -257,7 +258,8 @@ class Scheduler:
         """Prefill `job` on its own, sample its first token, and let it join the batch unless it is done."""
         row = Row(job, self.decode, self.stop_ids, self.model.device)
         try:
-            logits, cache, visual = prefill(self.model, job.batch, self.vision_chunk_size)
+            inputs = {k: job.batch.get(k) for k in MODEL_INPUTS}
+            logits, cache, visual = prefill(self.model, **inputs, vision_chunk_size=self.vision_chunk_size)
             finish = row.accept(row.sample(logits[0]))
         except Exception as exc:  # a bad request must not stop the server
             log.exception("prefill failed")
