@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from hyperowl.eval.answers import extract_choice, format_question
+from hyperowl.eval.answers import extract_choice
 from hyperowl.eval.data import (
     DatasetError,
     load_longvideobench,
@@ -28,6 +28,7 @@ from hyperowl.eval.report import load_summaries, write_report
 from hyperowl.eval.runner import RunOptions, init_distributed, load_request_video, read_records, run_requests
 from hyperowl.eval.scoring import score_response, summarize
 from hyperowl.eval.tasks import build_requests, rotate_options
+from hyperowl.processing.choices import format_question
 from tests.media import SECOND_COLORS, nearest_second, write_video
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255), (128, 128, 128), (0, 0, 0)]

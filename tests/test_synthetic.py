@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 
 from hyperowl.cli import DEFAULT_MODEL
-from hyperowl.processing.tokenizer import IMAGE_TOKEN
+from hyperowl.processing.choices import MC_INSTRUCTION
+from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
 from hyperowl.processing.video import load_video
 from hyperowl.synthetic import TASKS, TaskMixture, TaskOptions, make_sample, write_dataset
 from hyperowl.synthetic.draw import COLOURS
 from hyperowl.synthetic.evaluate import answer_samples
+from hyperowl.synthetic.tasks import CHOICE_TASKS
 from hyperowl.synthetic.video import NATIVE_FPS
 
 
@@ -50,6 +52,24 @@ def test_answers_are_consistent_with_questions():
         assert len(set(names)) == len(names) and s.answer in names
         if "first" in s.question:
             assert s.answer == names[0]
+
+
+def test_choice_questions_use_the_eval_prompt_and_answer_with_the_letter():
+    opts = TaskOptions(choice_probability=1.0)
+    for task in CHOICE_TASKS:
+        for i in range(10):
+            open_sample = make_sample(task, 0, i)
+            s = make_sample(task, 0, i, opts)
+            lines = s.question.split("\n")
+            assert s.images == open_sample.images and lines[0] == IMAGE_TOKEN * len(s.images) + VIDEO_TOKEN * len(s.videos)
+            assert lines[1] == f"Question: {open_sample.question.split(chr(10))[-1]}" and lines[2] == "Options:"
+            options = [line[3:] for line in lines[3:-1]]
+            assert lines[-1] == MC_INSTRUCTION and len(options) == (2 if task == "compare" else 4)
+            assert len(set(options)) == len(options) and options["ABCD".index(s.answer)] == open_sample.answer
+            assert s.messages[1]["content"] == s.answer
+    assert make_sample("distractor", 0, 0, opts).answer == make_sample("distractor", 0, 0).answer  # never multiple choice
+    mixed = [make_sample("single", 0, i, TaskOptions(choice_probability=0.5)).answer in "ABCD" for i in range(200)]
+    assert 70 < sum(mixed) < 130
 
 
 def test_video_events_happen_at_stated_times(tmp_path):

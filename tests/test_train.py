@@ -14,9 +14,9 @@ from PIL import Image
 
 from hyperowl.model.owl3 import Owl3ForCausalLM
 from hyperowl.processing.processor import IGNORE_INDEX, Owl3Processor
-from hyperowl.train.config import TrainConfig
-from hyperowl.train.data import DataError, Example, JsonlDataset, collate, encode
-from hyperowl.train.trainer import Trainer, train
+from hyperowl.train.config import RecipeError, TrainConfig
+from hyperowl.train.data import DataError, Example, JsonlDataset, collate, encode, length_groups
+from hyperowl.train.trainer import Trainer, make_dataset, train
 
 SCRATCH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "hyper_layers": [1],
            "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}}
@@ -89,6 +89,32 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     assert resumed == pytest.approx(straight[3:], abs=1e-6)
 
 
+def test_length_groups_cut_sorted_runs_with_least_padding():
+    lengths = [30, 120, 28, 110, 31, 25]
+    runs = length_groups(lengths, 2)
+    assert runs == [[5, 2, 0, 4], [3, 1]]  # 4 x 31 + 2 x 120 padded tokens instead of 6 x 120
+    assert length_groups(lengths, 1) == [[5, 2, 0, 4, 3, 1]]
+    assert sorted(i for run in length_groups(lengths, 10) for i in run) == list(range(6))
+    assert length_groups([7, 7, 7], 3) == [[0], [1], [2]]  # always as many groups (same count on every process)
+
+
+def test_length_groups_give_the_same_losses(tmp_path):
+    tasks = {"single": 1, "distractor": 1}
+    one = train(recipe(tmp_path / "a", steps=3, synthetic_tasks=tasks, synthetic_distractors=[4, 6])).losses
+    grouped = train(recipe(tmp_path / "b", steps=3, synthetic_tasks=tasks, synthetic_distractors=[4, 6], length_groups=3)).losses
+    assert grouped == pytest.approx(one, abs=1e-5)
+
+
+def test_synthetic_warmup_stage_comes_first(tmp_path):
+    cfg = recipe(tmp_path, synthetic_tasks={"distractor": 1}, synthetic_warmup_tasks={"single": 1}, synthetic_warmup_steps=2,
+                 batch_size=3, grad_accum=2, synthetic_distractors=[2, 3])
+    dataset = make_dataset(cfg, 16, world_size=2)  # 2 steps x 3 x 2 micro-batches x 2 processes = 24 samples
+    assert all(len(dataset[i].images) == 1 for i in range(24))
+    assert all(dataset[i].messages[0]["content"].startswith("Picture 1: ") for i in range(24, 30))
+    with pytest.raises(RecipeError, match="synthetic_warmup_tasks needs synthetic_tasks"):
+        recipe(tmp_path, synthetic_tasks=None, train_file="x.jsonl", synthetic_warmup_tasks={"single": 1})
+
+
 def test_hyper_policy_trains_projector_and_hyper_modules(tiny_checkpoint, tmp_path):
     trainer = Trainer(recipe(tmp_path, init_from=str(tiny_checkpoint), scratch_config={}, policy="hyper", train_vision=False))
     names = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -159,8 +185,9 @@ def test_bad_rows_fail_the_run_with_their_line(tmp_path):
 
 
 def test_recipe_flags_override_yaml(tmp_path):
-    from hyperowl.train.cli import add_arguments
     import argparse
+
+    from hyperowl.train.cli import add_arguments
 
     (tmp_path / "r.yaml").write_text("synthetic_tasks: {single: 1}\nscratch_config: {hidden_size: 32}\nsteps: 10\n")
     parser = argparse.ArgumentParser()

@@ -21,23 +21,19 @@ import csv
 import io
 import json
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hyperowl.eval.answers import option_letter
+from hyperowl.processing.choices import option_letter
 from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
-from hyperowl.synthetic.draw import COLOURS, SHAPES
 from hyperowl.synthetic.evaluate import HELD_OUT_SEED
-from hyperowl.synthetic.tasks import Sample, TaskOptions, make_sample
+from hyperowl.synthetic.tasks import TaskOptions, answer_space, make_sample, sample_options
 
 #: Single-picture tasks turned into MMBench questions.
 MMBENCH_TASKS = ("single", "digit", "count")
 
 #: MMBench TSV columns written (the published files' names).
 MMBENCH_COLUMNS = ("index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category", "image", "split")
-
-_NAMES = [f"{c} {s}" for c in COLOURS for s in SHAPES]
 
 
 @dataclass
@@ -47,29 +43,6 @@ class SyntheticFiles:
     mmbench: Path
     multi_image: Path
     longvideobench: Path
-
-
-def _answer_space(sample: Sample) -> tuple[str, list[str]]:
-    """MMBench category and the possible answers of a single-picture sample's question."""
-    question = sample.question
-    if sample.task == "digit":
-        return "digit", [str(d) for d in range(10)]
-    if sample.task == "count":
-        return "count", ["1", "2", "3", "4"]
-    if "colour" in question:
-        return "colour", list(COLOURS)
-    if "shape is" in question:
-        return "shape", list(SHAPES)
-    return "object", _NAMES
-
-
-def _options(rng: random.Random, answer: str, space: list[str], preferred: Sequence[str] = ()) -> tuple[list[str], int]:
-    """4 options: the answer and 3 wrong ones (``preferred`` wrong ones first), shuffled."""
-    wrong = [a for a in dict.fromkeys(preferred) if a != answer][:3]
-    wrong += rng.sample([a for a in space if a != answer and a not in wrong], 3 - len(wrong))
-    options = [answer, *wrong]
-    rng.shuffle(options)
-    return options, options.index(answer)
 
 
 def _png_base64(image) -> str:
@@ -86,8 +59,8 @@ def write_mmbench(path: Path, count: int, seed: int, opts: TaskOptions) -> Path:
         writer.writerow(MMBENCH_COLUMNS)
         for index in range(count):
             sample = make_sample(MMBENCH_TASKS[index % len(MMBENCH_TASKS)], seed, index // len(MMBENCH_TASKS), opts)
-            category, space = _answer_space(sample)
-            options, answer = _options(rng, sample.answer, space)
+            category, _ = answer_space(sample)
+            options, answer = sample_options(rng, sample)
             question = sample.question.replace(IMAGE_TOKEN, "").strip()
             l2 = "counting" if category in ("count", "digit") else "attribute"
             writer.writerow(
@@ -134,10 +107,9 @@ def write_video_mc(folder: Path, count: int, seed: int, opts: TaskOptions) -> Pa
         video = sample.videos[0]
         name = f"video-{index}.mp4"
         video.write_mp4(folder / "videos" / name)
-        shown = [event.item.name for event in video.events]
-        options, answer = _options(rng, sample.answer, _NAMES, preferred=rng.sample(shown, len(shown)))
+        options, answer = sample_options(rng, sample)
         question = sample.question.replace(VIDEO_TOKEN, "").strip()
-        kind = "first" if "first" in question else "last" if "last" in question else "after"
+        kind, _ = answer_space(sample)
         records.append(
             {
                 "id": f"video-{index}",

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hyperowl.eval.answers import format_question
 from hyperowl.eval.data import EvalItem
+from hyperowl.processing.choices import format_question
 from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
 
 

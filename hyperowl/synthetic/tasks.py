@@ -13,16 +13,21 @@ Tasks (chance level in brackets):
               or what colour is the shape in picture i [1/6]
   video       3-5 shapes shown one after another at known times; what appeared first / last /
               after X [1/number of shapes]
+
+With `TaskOptions.choice_probability`, questions of the tasks in `CHOICE_TASKS` are asked as lettered
+multiple-choice prompts instead (the layout `hyperowl eval` uses), answered with the option's letter.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
 from PIL import Image
 
 from hyperowl.processing.chat import render_chat
+from hyperowl.processing.choices import format_question, option_letter
 from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
 from hyperowl.synthetic.draw import COLOURS, SHAPES, digit_picture, scene_picture, shape_picture
 from hyperowl.synthetic.video import SyntheticVideo, random_video
@@ -55,15 +60,23 @@ class TaskOptions:
     `image_size`: side of every picture in pixels. `distractors`: (min, max) number of pictures in
     the distractor task (the held-out test uses 16, 16). `video_events`: (min, max) shapes per video.
     `cut_probability`: chance that a single-picture sample is marked for cutting.
+    `choice_probability`: chance that a sample of `CHOICE_TASKS` is asked as a multiple-choice question.
     """
 
     image_size: int = 32
     distractors: tuple[int, int] = (16, 16)
     video_events: tuple[int, int] = (3, 5)
     cut_probability: float = 0.0
+    choice_probability: float = 0.0
 
 
 COMBOS: list[tuple[str, str]] = [(c, s) for c in COLOURS for s in SHAPES]
+
+#: Every "colour shape" name, the answers of "What is in the picture?" and of video questions.
+NAMES: list[str] = [f"{c} {s}" for c, s in COMBOS]
+
+#: Tasks whose questions can be asked as multiple choice (their answers come from a fixed set).
+CHOICE_TASKS = ("single", "digit", "count", "compare", "video")
 
 
 def _qa(question: str, answer: str) -> list[dict[str, str]]:
@@ -142,6 +155,59 @@ def make_video(rng: random.Random, opts: TaskOptions) -> Sample:
     return Sample("video", _qa(f"{VIDEO_TOKEN}\n{question}", answer), videos=[video], answer=answer)
 
 
+def answer_space(sample: Sample) -> tuple[str, list[str]]:
+    """Category of a `CHOICE_TASKS` sample's question and every answer it could have."""
+    question = sample.question.split("\n")[-1]
+    if sample.task == "digit":
+        return "digit", [str(d) for d in range(10)]
+    if sample.task == "count":
+        return "count", ["1", "2", "3", "4"]
+    if sample.task == "compare":
+        return ("colour" if "colour" in question else "shape"), ["yes", "no"]
+    if sample.task == "video":
+        return question.split()[2].rstrip("?"), NAMES  # first / last / after
+    if sample.task != "single":
+        raise ValueError(f"{sample.task!r} questions have no fixed answer set; choose from {CHOICE_TASKS}")
+    if "colour" in question:
+        return "colour", list(COLOURS)
+    if "shape is" in question:
+        return "shape", list(SHAPES)
+    return "object", NAMES
+
+
+def choice_options(rng: random.Random, answer: str, space: Sequence[str], preferred: Sequence[str] = ()) -> tuple[list[str], int]:
+    """Up to 4 options: `answer` and wrong ones from `space` (`preferred` wrong ones first), shuffled.
+
+    Returns the options and the index of the right one.
+    """
+    wanted = min(3, len(space) - 1)
+    wrong = [a for a in dict.fromkeys(preferred) if a != answer][:wanted]
+    wrong += rng.sample([a for a in space if a != answer and a not in wrong], wanted - len(wrong))
+    options = [answer, *wrong]
+    rng.shuffle(options)
+    return options, options.index(answer)
+
+
+def sample_options(rng: random.Random, sample: Sample) -> tuple[list[str], int]:
+    """`choice_options` for a `CHOICE_TASKS` sample; a video's wrong options are preferably its other shapes."""
+    _, space = answer_space(sample)
+    preferred: list[str] = []
+    if sample.task == "video":
+        shown = [event.item.name for event in sample.videos[0].events]
+        preferred = rng.sample(shown, len(shown))
+    return choice_options(rng, sample.answer, space, preferred)
+
+
+def as_choice(rng: random.Random, sample: Sample) -> Sample:
+    """`sample` asked as a lettered multiple-choice question, media placeholders first (the prompt
+    layout of `hyperowl eval`); the answer is the right option's letter."""
+    options, index = sample_options(rng, sample)
+    media = VIDEO_TOKEN * len(sample.videos) + IMAGE_TOKEN * len(sample.images)
+    question = sample.question.split("\n")[-1]
+    letter = option_letter(index)
+    return replace(sample, messages=_qa(f"{media}\n{format_question(question, options)}", letter), answer=letter)
+
+
 TASKS: dict[str, Callable[[random.Random, TaskOptions], Sample]] = {
     "single": make_single,
     "digit": make_digit,
@@ -156,7 +222,12 @@ def make_sample(task: str, seed: int, index: int, opts: TaskOptions | None = Non
     """Sample number `index` of `task` for `seed`: the same arguments always give the same sample."""
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; choose from {', '.join(TASKS)}")
-    return TASKS[task](random.Random(f"{task}:{seed}:{index}"), opts or TaskOptions())
+    opts = opts or TaskOptions()
+    rng = random.Random(f"{task}:{seed}:{index}")
+    sample = TASKS[task](rng, opts)
+    if task in CHOICE_TASKS and opts.choice_probability > 0 and rng.random() < opts.choice_probability:
+        sample = as_choice(rng, sample)
+    return sample
 
 
 class TaskMixture:

@@ -30,13 +30,17 @@ class TrainConfig:
     `tokenizer_vocab_size` trained on the synthetic tasks' texts.
 
     Data: `train_file` (JSONL conversations, ms-swift layout) or `synthetic_tasks` (task -> weight,
-    generated in memory from `seed`); `on_bad_row` = skip | fail for JSONL rows that cannot be used.
+    generated in memory from `seed`; the first `synthetic_warmup_steps` steps draw from
+    `synthetic_warmup_tasks` instead, a curriculum); `on_bad_row` = skip | fail for JSONL rows that
+    cannot be used.
 
     Trainable parameters: `policy` hyper (projector + hyper-layer `v_kv_proj`/`gate_proj`, plus the
     hyper layers' whole attention with `hyper_attention`), full (LLM + projector) or lora (LoRA
     adapters on the LLM's linear layers, merged on save); the vision tower only with `train_vision`.
 
-    Batches: each optimizer step sees `batch_size * grad_accum * world_size` samples.
+    Batches: each optimizer step sees `batch_size * grad_accum * world_size` samples; `length_groups` > 1
+    runs each micro-batch as up to that many model batches of similar-length conversations (less
+    padding, the same loss and gradients).
     """
 
     output_dir: str = "runs/train"
@@ -50,11 +54,15 @@ class TrainConfig:
     synthetic_distractors: list[int] = field(default_factory=lambda: [16, 16])
     synthetic_video_events: list[int] = field(default_factory=lambda: [3, 5])
     synthetic_cut_probability: float = 0.0
+    synthetic_choice_probability: float = 0.0
+    synthetic_warmup_tasks: dict[str, float] | None = None
+    synthetic_warmup_steps: int = 0
     on_bad_row: Literal["skip", "fail"] = "fail"
     cut_enable: bool = False
     max_frames: int = 16
     video_fps: float = 1.0
     num_workers: int = 0
+    length_groups: int = 1
 
     policy: Literal["hyper", "full", "lora"] = "hyper"
     train_vision: bool = False
@@ -97,6 +105,8 @@ class TrainConfig:
             raise RecipeError(f"distributed must be ddp or fsdp; got {self.distributed!r}")
         if (self.train_file is None) == (self.synthetic_tasks is None):
             raise RecipeError("give exactly one of train_file (JSONL) and synthetic_tasks")
+        if self.synthetic_warmup_tasks and self.synthetic_tasks is None:
+            raise RecipeError("synthetic_warmup_tasks needs synthetic_tasks (it is the first stage of a synthetic curriculum)")
         if self.init_from is None and not self.scratch_config:
             raise RecipeError("give init_from (a checkpoint to fine-tune) or scratch_config (a new model)")
         if self.policy == "lora" and self.init_from is None:

@@ -132,15 +132,23 @@ class JsonlDataset:
 
 
 class SyntheticDataset:
-    """Endless synthetic samples (`hyperowl.synthetic`), videos as the frames the processor would sample."""
+    """Endless synthetic samples (`hyperowl.synthetic`), videos as the frames the processor would sample.
 
-    def __init__(self, mixture: TaskMixture, fps: float, max_frames: int) -> None:
+    Samples `0 .. warmup_samples - 1` come from `warmup` (a curriculum's first stage) when given,
+    the rest from `mixture`.
+    """
+
+    def __init__(
+        self, mixture: TaskMixture, fps: float, max_frames: int, warmup: TaskMixture | None = None, warmup_samples: int = 0
+    ) -> None:
         self.mixture = mixture
         self.fps = fps
         self.max_frames = max_frames
+        self.warmup = warmup
+        self.warmup_samples = warmup_samples if warmup is not None else 0
 
     def __getitem__(self, index: int) -> Example:
-        s = self.mixture[index]
+        s = (self.warmup if index < self.warmup_samples else self.mixture)[index]
         videos = [v.clip(self.fps, self.max_frames) for v in s.videos]
         return Example(s.messages, s.images, videos, s.cut, where=f"synthetic sample {index} ({s.task})")
 
@@ -178,6 +186,36 @@ def encode(processor: Owl3Processor, example: Example, cut_enable: bool) -> Enco
     return Encoded(batch["input_ids"][0], batch["labels"][0], offset[:, 1] - offset[:, 0], batch["pixel_values"])
 
 
+def length_groups(lengths: list[int], groups: int) -> list[list[int]]:
+    """Split item indices into `min(groups, len(lengths))` groups of similar length, with the fewest padded tokens.
+
+    Items are sorted by length and cut into contiguous runs; a run costs `len(run) * longest` tokens
+    once padded. Exact dynamic programming (fine for the batch sizes of a micro-batch). The number of
+    groups never depends on the lengths, so every process of a job runs as many model batches.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sorted_lengths = [lengths[i] for i in order]
+    n = len(order)
+    groups = max(1, min(groups, n))
+    inf = float("inf")
+    # best[g][j]: least padded tokens for the first j sorted items in g runs; cut[g][j]: where the last run starts.
+    best = [[inf] * (n + 1) for _ in range(groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(groups + 1)]
+    best[0][0] = 0
+    for g in range(1, groups + 1):
+        for j in range(1, n + 1):
+            for i in range(j):
+                cost = best[g - 1][i] + (j - i) * sorted_lengths[j - 1]
+                if cost < best[g][j]:
+                    best[g][j], cut[g][j] = cost, i
+    g, runs, j = groups, [], n
+    while j > 0:
+        i = cut[g][j]
+        runs.append(order[i:j])
+        j, g = i, g - 1
+    return runs[::-1]
+
+
 def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor | None]:
     """Left-pad encoded conversations into one model batch (the processor's batch layout).
 
@@ -212,7 +250,9 @@ def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor | None]
 
 
 class MicroBatches(torch.utils.data.Dataset):
-    """Item `k` = the `k`-th micro-batch of this process, collated (usable by a `DataLoader` with workers).
+    """Item `k` = the `k`-th micro-batch of this process, collated (usable by a `DataLoader` with workers)
+    as a list of up to `length_groups` model batches of similar-length conversations (see `length_groups`;
+    the summed loss is the same, the padding is less).
 
     Optimizer step `s` uses global sample positions `[s*G, (s+1)*G)` with `G = batch * accum * world`;
     rank `r` takes the contiguous slice `r*batch*accum ...` of them, `batch` per micro-batch. Position
@@ -230,6 +270,7 @@ class MicroBatches(torch.utils.data.Dataset):
         world_size: int,
         seed: int,
         total_steps: int,
+        length_groups: int = 1,
     ) -> None:
         self.dataset = dataset
         self.processor = processor
@@ -240,6 +281,7 @@ class MicroBatches(torch.utils.data.Dataset):
         self.world_size = world_size
         self.seed = seed
         self.total_steps = total_steps
+        self.length_groups = length_groups
         self._perms: dict[int, list[int]] = {}
 
     def __len__(self) -> int:
@@ -262,6 +304,7 @@ class MicroBatches(torch.utils.data.Dataset):
         start = step * per_rank * self.world_size + self.rank * per_rank + micro * self.batch_size
         return range(start, start + self.batch_size)
 
-    def __getitem__(self, k: int) -> dict[str, torch.Tensor | None]:
+    def __getitem__(self, k: int) -> list[dict[str, torch.Tensor | None]]:
         items = [encode(self.processor, self.dataset[self.row(p)], self.cut_enable) for p in self.positions(k)]
-        return collate(items, self.processor.pad_token_id)
+        runs = length_groups([item.input_ids.shape[0] for item in items], self.length_groups)
+        return [collate([items[i] for i in run], self.processor.pad_token_id) for run in runs]

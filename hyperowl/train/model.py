@@ -58,7 +58,7 @@ def init_weights(model: Owl3ForCausalLM, seed: int, std: float = 0.02) -> None:
 def build_from_scratch(cfg: TrainConfig) -> tuple[Owl3ForCausalLM, Owl3Processor]:
     """A new model whose tokenizer is trained on the synthetic tasks' texts (seeded: same recipe, same model)."""
     image_size = int((cfg.scratch_config.get("vision_config") or {}).get("image_size", VisionConfig().image_size))
-    texts = corpus(cfg.seed, n=500, opts=TaskOptions(image_size=image_size, distractors=(2, 16)))
+    texts = corpus(cfg.seed, n=500, opts=TaskOptions(image_size=image_size, distractors=(2, 16), choice_probability=0.5))
     tokenizer = train_tokenizer(texts, vocab_size=cfg.tokenizer_vocab_size)
     stops = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
     config = scratch_config(cfg.scratch_config, len(tokenizer), stops)

@@ -140,7 +140,7 @@ def build(cfg: TrainConfig, resume: Path | None) -> tuple[Owl3ForCausalLM, Owl3P
     return model.train(), processor
 
 
-def make_dataset(cfg: TrainConfig, image_size: int) -> JsonlDataset | SyntheticDataset:
+def make_dataset(cfg: TrainConfig, image_size: int, world_size: int = 1) -> JsonlDataset | SyntheticDataset:
     if cfg.train_file is not None:
         return JsonlDataset(cfg.train_file, cfg.on_bad_row)
     opts = TaskOptions(
@@ -148,8 +148,11 @@ def make_dataset(cfg: TrainConfig, image_size: int) -> JsonlDataset | SyntheticD
         distractors=tuple(cfg.synthetic_distractors),
         video_events=tuple(cfg.synthetic_video_events),
         cut_probability=cfg.synthetic_cut_probability,
+        choice_probability=cfg.synthetic_choice_probability,
     )
-    return SyntheticDataset(TaskMixture(cfg.synthetic_tasks, cfg.seed, opts), cfg.video_fps, cfg.max_frames)
+    warmup = TaskMixture(cfg.synthetic_warmup_tasks, cfg.seed, opts) if cfg.synthetic_warmup_tasks else None
+    warmup_samples = cfg.synthetic_warmup_steps * cfg.batch_size * cfg.grad_accum * world_size
+    return SyntheticDataset(TaskMixture(cfg.synthetic_tasks, cfg.seed, opts), cfg.video_fps, cfg.max_frames, warmup, warmup_samples)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -197,7 +200,7 @@ class Trainer:
         self.step = 0
         if self.resume_dir is not None:
             self._load_state(self.resume_dir)
-        self.dataset = make_dataset(cfg, self.model.config.vision_config.image_size)
+        self.dataset = make_dataset(cfg, self.model.config.vision_config.image_size, self.dist.world_size)
         self.out = Path(cfg.output_dir)
 
     def _wrap(self, module: LossModule) -> nn.Module:
@@ -282,7 +285,7 @@ class Trainer:
         return value
 
     def _train_step(self, micro_batches: list[dict[str, Any]]) -> tuple[float, float, int]:
-        """One optimizer step over this rank's micro-batches -> (global loss, grad norm, global tokens)."""
+        """One optimizer step over this rank's model batches -> (global loss, grad norm, global tokens)."""
         device = self.dist.device
         local_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
         total_labels = int(self._all_sum(torch.tensor(local_labels)))
@@ -322,7 +325,7 @@ class Trainer:
         result = TrainResult(skipped_rows=len(getattr(self.dataset, "skipped", [])))
         micro = MicroBatches(
             self.dataset, self.processor, cfg.cut_enable, cfg.batch_size, cfg.grad_accum,
-            self.dist.rank, self.dist.world_size, cfg.seed, cfg.steps,
+            self.dist.rank, self.dist.world_size, cfg.seed, cfg.steps, cfg.length_groups,
         )
         start = self.step * cfg.grad_accum
         loader = torch.utils.data.DataLoader(
@@ -337,13 +340,15 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.dist.main), desc="train")
         began = time.perf_counter()
         pending: list[dict[str, Any]] = []
+        micro_batches = 0
         tick = time.perf_counter()
-        for batch in loader:
-            pending.append(batch)
-            if len(pending) < cfg.grad_accum:
+        for groups in loader:
+            pending.extend(groups)
+            micro_batches += 1
+            if micro_batches < cfg.grad_accum:
                 continue
             loss, grad_norm, tokens = self._train_step(pending)
-            pending = []
+            pending, micro_batches = [], 0
             self.step += 1
             result.losses.append(loss)
             now = time.perf_counter()
