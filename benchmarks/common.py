@@ -107,17 +107,18 @@ def random_owl3(config: Owl3Config, dtype: torch.dtype, device: torch.device, se
     return model.eval()
 
 
-def llava_baseline(owl: Owl3ForCausalLM) -> nn.Module:
+def llava_baseline(owl: Owl3ForCausalLM, image_token_id: int = IMAGE_ID) -> nn.Module:
     """LLaVA-Next-Interleave design from transformers' classes: SigLIP features (hidden_states[-2],
-    all patches) -> 2-layer MLP projector -> visual tokens inserted into the Qwen2 sequence. The
-    vision tower, the LLM and its head share their tensors with `owl` (no copy)."""
+    all patches) -> 2-layer MLP projector (new, N(0, 0.02), frozen) -> visual tokens inserted into the
+    Qwen2 sequence at `image_token_id`. The vision tower, the LLM and its head share their tensors
+    with `owl` (no copy)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     c, v = owl.config, owl.config.vision_config
     config = LlavaConfig(
         vision_config=v.to_transformers(vision_use_head=False),
         text_config=c.to_transformers(tie_word_embeddings=False),
-        image_token_id=IMAGE_ID,
+        image_token_id=image_token_id,
         vision_feature_layer=-2,
         vision_feature_select_strategy="full",
         projector_hidden_act="gelu",

@@ -10,6 +10,9 @@ Examples:
   hyperowl eval report runs/distractor runs/distractor-baseline --out reports/distractor
   hyperowl eval make-synthetic --out data/synthetic-bench
   hyperowl eval distractor-set --data MMBench_DEV_EN.tsv --out distractor_set.json
+
+--model also takes a transformers LLaVA checkpoint (the token-concatenation baseline,
+benchmarks/train_baseline.py), answered through the same prompts and scoring.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 from hyperowl.cli import DEFAULT_MODEL, add_model_arguments, load_model_and_processor
 from hyperowl.errors import HyperowlError
+from hyperowl.eval.baseline import LlavaBaseline, is_llava_checkpoint
 from hyperowl.eval.data import LOADERS, load_benchmark, load_mmbench_tsv
 from hyperowl.eval.distractor import DEFAULT_LEVELS, DEFAULT_VARIANTS, DistractorSet, build_distractor_set
 from hyperowl.eval.report import load_summaries, markdown_report, write_report
@@ -209,6 +213,20 @@ def _check_run_file(out: Path, settings: dict[str, Any]) -> None:
     path.write_text(json.dumps(settings, indent=1) + "\n")
 
 
+def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    """An mPLUG-Owl3 checkpoint, or a transformers LLaVA one (the token-concatenation baseline)."""
+    path = args.model or DEFAULT_MODEL
+    if not is_llava_checkpoint(path):
+        return load_model_and_processor(args)
+    import torch
+
+    from hyperowl.processing.processor import Owl3Processor
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    return LlavaBaseline(path, device, dtype), Owl3Processor.from_pretrained(path)
+
+
 def _run(args: argparse.Namespace) -> int:
     dist = init_distributed()
     options = RunOptions(
@@ -245,7 +263,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.device is None and dist.world_size > 1 and torch.cuda.is_available():
         args.device = f"cuda:{dist.local_rank}"
-    model, processor = load_model_and_processor(args)
+    model, processor = _load_model(args)
     records = run_requests(model, processor, requests, args.out, options, dist)
     if records is None:
         return 0

@@ -2,7 +2,7 @@
 
 Examples:
   python -m hyperowl.synthetic write --out data/synth --n 100 --seed 0
-  python -m hyperowl.synthetic eval --model hyperowl/assets/default-model --n 200
+  python -m hyperowl.synthetic eval --model hyperowl/assets/default-model --n 200   (or a LLaVA baseline checkpoint)
 """
 
 from __future__ import annotations
@@ -40,13 +40,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
+    from hyperowl.eval.baseline import LlavaBaseline, is_llava_checkpoint
     from hyperowl.model.owl3 import Owl3ForCausalLM
     from hyperowl.processing.processor import Owl3Processor
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = Owl3ForCausalLM.from_pretrained(args.model, dtype=torch.float32, device=device)
+    if is_llava_checkpoint(args.model):
+        model = LlavaBaseline(args.model, device)
+    else:
+        model = Owl3ForCausalLM.from_pretrained(args.model, dtype=torch.float32, device=device)
     processor = Owl3Processor.from_pretrained(args.model)
-    opts = TaskOptions(image_size=model.config.vision_config.image_size)
+    opts = TaskOptions(image_size=processor.image_size)
     start = time.perf_counter()
     result = {"model": args.model, "n": args.n, "seed": args.seed}
     result["accuracy"] = evaluate_tasks(model, processor, args.tasks, args.n, args.seed, opts, args.batch_size, cut_enable=False)
