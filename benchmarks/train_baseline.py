@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from benchmarks.common import llava_baseline
@@ -28,7 +25,7 @@ from hyperowl.processing.processor import IGNORE_INDEX
 from hyperowl.train.config import TrainConfig
 from hyperowl.train.data import MicroBatches
 from hyperowl.train.model import build_from_scratch
-from hyperowl.train.trainer import lr_lambda, make_dataset
+from hyperowl.train.trainer import build_optimizer, lr_lambda, make_dataset, seed_everything, token_loss_sum
 
 
 def train_baseline(cfg: TrainConfig, out: Path, progress: bool = True) -> list[float]:
@@ -37,26 +34,17 @@ def train_baseline(cfg: TrainConfig, out: Path, progress: bool = True) -> list[f
         raise SystemExit("the baseline trains from scratch on synthetic tasks: give a recipe without init_from/train_file")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     owl, processor = build_from_scratch(cfg)
     llava = llava_baseline(owl, image_token_id=processor.image_token_id).train()
     for name, param in llava.named_parameters():
-        # Like the recipe: the vision tower trains only with train_vision; its unused last layer never does.
-        unused_vision = "vision_tower" in name and (not cfg.train_vision or "post_layernorm" in name or ".head." in name)
+        # Like the recipe: the vision tower trains only with train_vision; its unused post_layernorm never does.
+        unused_vision = "vision_tower" in name and (not cfg.train_vision or "post_layernorm" in name)
         param.requires_grad_(not unused_vision)
     vision = owl.config.vision_config
     tokens_per_image = vision.tokens_per_image
     params = [p for p in llava.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        betas=tuple(cfg.adam_betas),
-    )
+    optimizer = build_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     micro = MicroBatches(
         make_dataset(cfg, vision.image_size), processor, cfg.cut_enable, cfg.batch_size, cfg.grad_accum, 0, 1,
@@ -77,9 +65,7 @@ def train_baseline(cfg: TrainConfig, out: Path, progress: bool = True) -> list[f
                     tokens_per_image, processor.pad_token_id,
                 )
                 logits = llava(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"]).logits
-                loss = F.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-                )
+                loss, _ = token_loss_sum(logits, labels)
                 (loss / total).backward()
                 loss_sum += float(loss.detach())
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

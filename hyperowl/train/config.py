@@ -39,8 +39,8 @@ class TrainConfig:
     adapters on the LLM's linear layers, merged on save); the vision tower only with `train_vision`.
 
     Batches: each optimizer step sees `batch_size * grad_accum * world_size` samples; `length_groups` > 1
-    runs each micro-batch as up to that many model batches of similar-length conversations (less
-    padding, the same loss and gradients).
+    runs each micro-batch as that many model batches (at most one per sample) of similar-length
+    conversations (less padding, the same loss and gradients).
     """
 
     output_dir: str = "runs/train"

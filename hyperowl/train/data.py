@@ -251,8 +251,8 @@ def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor | None]
 
 class MicroBatches(torch.utils.data.Dataset):
     """Item `k` = the `k`-th micro-batch of this process, collated (usable by a `DataLoader` with workers)
-    as a list of up to `length_groups` model batches of similar-length conversations (see `length_groups`;
-    the summed loss is the same, the padding is less).
+    as a list of `min(length_groups, batch)` model batches of similar-length conversations (see
+    `length_groups`; the summed loss is the same, the padding is less).
 
     Optimizer step `s` uses global sample positions `[s*G, (s+1)*G)` with `G = batch * accum * world`;
     rank `r` takes the contiguous slice `r*batch*accum ...` of them, `batch` per micro-batch. Position

@@ -73,11 +73,35 @@ class LossModule(nn.Module):
         self.model = model
 
     def forward(self, labels: torch.Tensor, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """`labels` `[B, T]` (-100 ignored); CE of token t+1 predicted at t, summed in fp32."""
-        logits = self.model(**inputs).logits
-        target = labels[:, 1:].to(logits.device)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss, (target != IGNORE_INDEX).sum()
+        return token_loss_sum(self.model(**inputs).logits, labels)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logits` `[B, T, V]`, `labels` `[B, T]` (-100 ignored) -> (CE of token t+1 predicted at t, summed
+    in fp32; the number of label tokens)."""
+    target = labels[:, 1:].to(logits.device)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (target != IGNORE_INDEX).sum()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over `params` (weight decay on matrices only, none on biases and norms) with the recipe's
+    learning rate and betas."""
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=tuple(cfg.adam_betas),
+    )
 
 
 def setup_distributed(cfg: TrainConfig) -> DistInfo:
@@ -178,9 +202,7 @@ class Trainer:
         self.dist = setup_distributed(cfg)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
+        seed_everything(cfg.seed)
         self.resume_dir = find_resume(cfg)
         self.model, self.processor = build(cfg, self.resume_dir)
         if cfg.gradient_checkpointing:
@@ -188,14 +210,7 @@ class Trainer:
         self.model.to(self.dist.device)
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else self.dist.device.type == "cuda"
         self.wrapped = self._wrap(LossModule(self.model))
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr,
-            betas=tuple(cfg.adam_betas),
-        )
+        self.optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.step = 0
         if self.resume_dir is not None:
