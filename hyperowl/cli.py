@@ -27,18 +27,22 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
-def load_model_and_processor(args: argparse.Namespace, **processor_overrides):
-    """The model and processor named by `add_model_arguments`' flags."""
+def resolve_device(device: str | None) -> str:
+    """`device` as given, else cuda when a GPU is available, else cpu."""
     import torch
 
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model_and_processor(args: argparse.Namespace, **processor_overrides):
+    """The model and processor named by `add_model_arguments`' flags."""
     from hyperowl.model.owl3 import Owl3ForCausalLM
     from hyperowl.processing.processor import Owl3Processor
 
     path = args.model or DEFAULT_MODEL
     if args.model is None and not (DEFAULT_MODEL / "config.json").is_file():
         raise HyperowlError(f"no --model given and the bundled default model is missing ({DEFAULT_MODEL})")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = Owl3ForCausalLM.from_pretrained(path, dtype=args.dtype, device=device)
+    model = Owl3ForCausalLM.from_pretrained(path, dtype=args.dtype, device=resolve_device(args.device))
     return model, Owl3Processor.from_pretrained(path, **processor_overrides)
 
 

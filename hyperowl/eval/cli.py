@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hyperowl.cli import DEFAULT_MODEL, add_model_arguments, load_model_and_processor
+from hyperowl.cli import DEFAULT_MODEL, add_model_arguments, load_model_and_processor, resolve_device
 from hyperowl.errors import HyperowlError
 from hyperowl.eval.baseline import LlavaBaseline, is_llava_checkpoint
 from hyperowl.eval.data import LOADERS, load_benchmark, load_mmbench_tsv
@@ -222,9 +222,8 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
 
     from hyperowl.processing.processor import Owl3Processor
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    return LlavaBaseline(path, device, dtype), Owl3Processor.from_pretrained(path)
+    return LlavaBaseline(path, resolve_device(args.device), dtype), Owl3Processor.from_pretrained(path)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -40,11 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
+    from hyperowl.cli import resolve_device
     from hyperowl.eval.baseline import LlavaBaseline, is_llava_checkpoint
     from hyperowl.model.owl3 import Owl3ForCausalLM
     from hyperowl.processing.processor import Owl3Processor
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     if is_llava_checkpoint(args.model):
         model = LlavaBaseline(args.model, device)
     else:
