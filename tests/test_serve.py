@@ -7,7 +7,6 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ import torch
 import uvicorn
 from PIL import Image
 
+from benchmarks.serve_load import free_port, wait_ready
 from hyperowl.engine.batching import DecodeBatch
 from hyperowl.engine.generate import prefill
 from hyperowl.engine.sampling import SamplingParams
@@ -40,29 +40,8 @@ from hyperowl.serve.settings import ServerSettings
 from tests.media import block_image, png_header, write_video
 
 REPO = Path(__file__).resolve().parents[1]
-STARTUP_S = 180
 
 COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = STARTUP_S) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"server at {url} did not start within {timeout} s")
 
 
 @contextmanager
