@@ -3,7 +3,8 @@
 The baseline is `common.llava_baseline`: transformers' `LlavaForConditionalGeneration` with the
 recipe's vision tower and Qwen2 LLM (the same sizes, tokenizer, initial weights, data order,
 optimizer, schedule and steps) and a 2-layer MLP projector, every visual token inserted into the
-LLM sequence. Only the hyper layers' cross-attention modules are missing. The result is a
+LLM sequence. Only the hyper layers' cross-attention modules are missing, and with them the
+recipe's `recency_prior` (an initialisation of those modules; the LLM starts from the same weights). The result is a
 transformers checkpoint + tokenizer that `hyperowl eval run --model DIR` scores like any model.
 
     python -m benchmarks.train_baseline --config recipes/default-model.yaml --out runs/baseline-llava
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,7 +37,7 @@ def train_baseline(cfg: TrainConfig, out: Path, progress: bool = True) -> list[f
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)
-    owl, processor = build_from_scratch(cfg)
+    owl, processor = build_from_scratch(replace(cfg, recency_prior=0.0))
     llava = llava_baseline(owl, image_token_id=processor.image_token_id).train()
     for name, param in llava.named_parameters():
         # Like the recipe: the vision tower trains only with train_vision; its unused post_layernorm never does.

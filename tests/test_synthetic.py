@@ -54,6 +54,16 @@ def test_answers_are_consistent_with_questions():
             assert s.answer == names[0]
 
 
+def test_sequence_names_each_picture_as_it_arrives():
+    s = make_sample("sequence", 0, 3, TaskOptions(distractors=(5, 5)))
+    users, answers = s.messages[0::2], [m["content"] for m in s.messages[1::2]]
+    assert [m["role"] for m in s.messages] == ["user", "assistant"] * 5
+    assert all(m["content"] == f"Picture {i}: {IMAGE_TOKEN}\nWhat is in picture {i}?" for i, m in enumerate(users, 1))
+    assert s.question == users[-1]["content"] and s.answer == answers[-1]
+    for image, answer in zip(s.images, answers):  # each turn's answer names that turn's picture
+        assert (np.asarray(image) == COLOURS[answer.split()[0]]).all(-1).any()
+
+
 def test_choice_questions_use_the_eval_prompt_and_answer_with_the_letter():
     opts = TaskOptions(choice_probability=1.0)
     for task in CHOICE_TASKS:

@@ -12,10 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+from hyperowl.model.decoder import apply_rotary, rotary_cos_sin
 from hyperowl.model.owl3 import Owl3ForCausalLM
 from hyperowl.processing.processor import IGNORE_INDEX, Owl3Processor
 from hyperowl.train.config import RecipeError, TrainConfig
 from hyperowl.train.data import DataError, Example, JsonlDataset, collate, encode, length_groups
+from hyperowl.train.model import build_from_scratch
 from hyperowl.train.trainer import Trainer, make_dataset, train
 
 SCRATCH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "hyper_layers": [1],
@@ -113,6 +115,30 @@ def test_synthetic_warmup_stage_comes_first(tmp_path):
     assert all(dataset[i].messages[0]["content"].startswith("Picture 1: ") for i in range(24, 30))
     with pytest.raises(RecipeError, match="synthetic_warmup_tasks needs synthetic_tasks"):
         recipe(tmp_path, synthetic_tasks=None, train_file="x.jsonl", synthetic_warmup_tasks={"single": 1})
+
+
+def latest_image_attention(model: Owl3ForCausalLM) -> torch.Tensor:
+    """Cross-attention weight, per head, of a random text token at position 20 on the last of 4 random
+    images whose MI-Rope positions are 5, 10, 15 and 20, in the first hyper layer."""
+    layer, config = model.language_model.model.hyper_layers[0], model.config
+    attn, d = layer.self_attn, config.head_dim
+    generator = torch.Generator().manual_seed(0)
+    text, images = (layer.input_layernorm(torch.randn(1, n, config.hidden_size, generator=generator)) for n in (1, 4))
+    q = attn.q_proj(text).view(1, 1, attn.num_heads, d).transpose(1, 2)
+    q = apply_rotary(q, *rotary_cos_sin(torch.tensor([[20]]), d, config.rope_theta, q.dtype))
+    keys, _ = attn.visual_kv(images, *rotary_cos_sin(torch.tensor([[5, 10, 15, 20]]), d, config.rope_theta, q.dtype))
+    keys = keys.repeat_interleave(attn.num_heads // attn.num_kv_heads, 1)
+    return (q @ keys.transpose(-1, -2) / d**0.5).softmax(-1)[0, :, 0, -1]
+
+
+@torch.no_grad()
+def test_recency_prior_starts_cross_attention_on_the_latest_image(tmp_path):
+    plain, _ = build_from_scratch(recipe(tmp_path))
+    primed, _ = build_from_scratch(recipe(tmp_path, recency_prior=4.0))
+    assert latest_image_attention(plain).max() < 0.4  # about uniform over the 4 images
+    assert latest_image_attention(primed).min() > 0.95
+    assert torch.equal(plain.language_model.model.layers[0].self_attn.k_proj.weight,
+                       primed.language_model.model.layers[0].self_attn.k_proj.weight)  # only the two biases differ
 
 
 def test_hyper_policy_trains_projector_and_hyper_modules(tiny_checkpoint, tmp_path):

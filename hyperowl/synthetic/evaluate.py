@@ -22,7 +22,7 @@ def answer_samples(
     max_new_tokens: int = 8,
 ) -> list[str]:
     """Greedy answers (stripped text before the stop token) to the questions of `samples`, one batch."""
-    conversations = [[sample.messages[0]] for sample in samples]
+    conversations = [sample.messages[:-1] for sample in samples]
     videos = [[v.clip(processor.video_fps, processor.max_frames) for v in sample.videos] for sample in samples]
     batch = processor(conversations, images=[s.images for s in samples], videos=videos, cut_enable=cut_enable)
     out = model.generate(

@@ -13,6 +13,8 @@ Tasks (chance level in brackets):
               or what colour is the shape in picture i [1/6]
   video       3-5 shapes shown one after another at known times; what appeared first / last /
               after X [1/number of shapes]
+  sequence    K pictures, one per user turn ("Picture i: <|image|>"), each named by the assistant as
+              it arrives; scored on the last turn [1/24]. It teaches reading the newest picture.
 
 With `TaskOptions.choice_probability`, questions of the tasks in `CHOICE_TASKS` are asked as lettered
 multiple-choice prompts instead (the layout `hyperowl eval` uses), answered with the option's letter.
@@ -35,7 +37,8 @@ from hyperowl.synthetic.video import SyntheticVideo, random_video
 
 @dataclass
 class Sample:
-    """One conversation: `messages` (user question, assistant `answer`), its pictures and videos.
+    """One conversation: `messages` (user/assistant turns ending with the assistant's `answer`), its
+    pictures and videos.
 
     `cut` says whether the pictures are meant to be cut into tiles (only ever True for
     single-picture tasks; see `TaskOptions.cut_probability`).
@@ -50,7 +53,8 @@ class Sample:
 
     @property
     def question(self) -> str:
-        return self.messages[0]["content"]
+        """The last user message (the one `answer` answers)."""
+        return self.messages[-2]["content"]
 
 
 @dataclass
@@ -141,6 +145,16 @@ def make_distractor(rng: random.Random, opts: TaskOptions) -> Sample:
     return Sample("distractor", _qa(listing + question, answer), images, answer=answer)
 
 
+def make_sequence(rng: random.Random, opts: TaskOptions) -> Sample:
+    k = rng.randint(*opts.distractors)
+    combos = [rng.choice(COMBOS) for _ in range(k)]
+    images = [shape_picture(rng, opts.image_size, *combo)[0] for combo in combos]
+    messages = []
+    for i, (colour, shape) in enumerate(combos, 1):
+        messages += _qa(f"Picture {i}: {IMAGE_TOKEN}\nWhat is in picture {i}?", f"{colour} {shape}")
+    return Sample("sequence", messages, images, answer=messages[-1]["content"])
+
+
 def make_video(rng: random.Random, opts: TaskOptions) -> Sample:
     video = random_video(rng, opts.image_size, rng.randint(*opts.video_events))
     names = [event.item.name for event in video.events]
@@ -215,6 +229,7 @@ TASKS: dict[str, Callable[[random.Random, TaskOptions], Sample]] = {
     "compare": make_compare,
     "distractor": make_distractor,
     "video": make_video,
+    "sequence": make_sequence,
 }
 
 

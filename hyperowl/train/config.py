@@ -27,7 +27,8 @@ class TrainConfig:
 
     Model: `init_from` (a checkpoint directory to fine-tune) or, when None, a new model built from
     `scratch_config` (Owl3Config keys, `vision_config` nested) with a tokenizer of
-    `tokenizer_vocab_size` trained on the synthetic tasks' texts.
+    `tokenizer_vocab_size` trained on the synthetic tasks' texts; `recency_prior` > 0 starts its
+    hyper layers' cross-attention leaning towards the most recent image (`init_recency_prior`).
 
     Data: `train_file` (JSONL conversations, ms-swift layout) or `synthetic_tasks` (task -> weight,
     generated in memory from `seed`; the first `synthetic_warmup_steps` steps draw from
@@ -47,6 +48,7 @@ class TrainConfig:
     init_from: str | None = None
     scratch_config: dict[str, Any] = field(default_factory=dict)
     tokenizer_vocab_size: int = 512
+    recency_prior: float = 0.0
     export_dir: str | None = None
 
     train_file: str | None = None

@@ -55,6 +55,26 @@ def init_weights(model: Owl3ForCausalLM, seed: int, std: float = 0.02) -> None:
                 module.weight.fill_(1.0)
 
 
+def init_recency_prior(model: Owl3ForCausalLM, scale: float) -> None:
+    """Make every hyper layer's cross-attention start out preferring the most recent image.
+
+    The query bias (`q_proj.bias`) and the visual key bias (the key half of `v_kv_proj.bias`) are set
+    to the same constant `scale` in every dimension. Under RoPE their dot product is
+    `2 * scale**2 * sum_i cos(theta_i * distance)`, largest at distance 0 (the text right after an
+    image, SPEC §2.4) and falling with distance, so a text token leans towards the image just before
+    it from the first step; training can unlearn it. `scale` 0 leaves the zero biases alone.
+    """
+    if scale == 0:
+        return
+    with torch.no_grad():
+        for layer in model.language_model.model.layers:
+            attn = layer.self_attn
+            if attn.hyper_index is None:
+                continue
+            attn.q_proj.bias.fill_(scale)
+            attn.v_kv_proj.bias.view(attn.num_kv_heads, 2, attn.head_dim)[:, 0].fill_(scale)
+
+
 def build_from_scratch(cfg: TrainConfig) -> tuple[Owl3ForCausalLM, Owl3Processor]:
     """A new model whose tokenizer is trained on the synthetic tasks' texts (seeded: same recipe, same model)."""
     image_size = int((cfg.scratch_config.get("vision_config") or {}).get("image_size", VisionConfig().image_size))
@@ -64,6 +84,7 @@ def build_from_scratch(cfg: TrainConfig) -> tuple[Owl3ForCausalLM, Owl3Processor
     config = scratch_config(cfg.scratch_config, len(tokenizer), stops)
     model = Owl3ForCausalLM(config)
     init_weights(model, cfg.seed)
+    init_recency_prior(model, cfg.recency_prior)
     processor = Owl3Processor(
         tokenizer, config.vision_config.image_size, cut_enable=cfg.cut_enable, video_fps=cfg.video_fps, max_frames=cfg.max_frames
     )
