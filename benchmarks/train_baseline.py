@@ -4,8 +4,9 @@ The baseline is `common.llava_baseline`: transformers' `LlavaForConditionalGener
 recipe's vision tower and Qwen2 LLM (the same sizes, tokenizer, initial weights, data order,
 optimizer, schedule and steps) and a 2-layer MLP projector, every visual token inserted into the
 LLM sequence. Only the hyper layers' cross-attention modules are missing, and with them the
-recipe's `recency_prior` (an initialisation of those modules; the LLM starts from the same weights). The result is a
-transformers checkpoint + tokenizer that `hyperowl eval run --model DIR` scores like any model.
+recipe's `recency_prior` (an initialisation of those modules; the LLM starts from the same weights).
+The result is a transformers checkpoint + tokenizer that `hyperowl eval run --model DIR` scores like
+any model.
 
     python -m benchmarks.train_baseline --config recipes/default-model.yaml --out runs/baseline-llava
 """

@@ -62,7 +62,7 @@ class TaskOptions:
     """Knobs shared by all tasks.
 
     `image_size`: side of every picture in pixels. `distractors`: (min, max) number of pictures in
-    the distractor task (the held-out test uses 16, 16). `video_events`: (min, max) shapes per video.
+    the distractor and sequence tasks (the held-out test uses 16, 16). `video_events`: (min, max) shapes per video.
     `cut_probability`: chance that a single-picture sample is marked for cutting.
     `choice_probability`: chance that a sample of `CHOICE_TASKS` is asked as a multiple-choice question.
     """

@@ -67,10 +67,8 @@ def init_recency_prior(model: Owl3ForCausalLM, scale: float) -> None:
     if scale == 0:
         return
     with torch.no_grad():
-        for layer in model.language_model.model.layers:
+        for layer in model.language_model.model.hyper_layers:
             attn = layer.self_attn
-            if attn.hyper_index is None:
-                continue
             attn.q_proj.bias.fill_(scale)
             attn.v_kv_proj.bias.view(attn.num_kv_heads, 2, attn.head_dim)[:, 0].fill_(scale)
 
