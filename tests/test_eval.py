@@ -238,12 +238,12 @@ def test_distractor_set(tmp_path, capsys):
     by_id = {item.id: item for item in items}
     for request, entry in zip(requests, drawn.entries):
         item = by_id[entry.question]
-        assert request.options[request.answer] == item.options[item.answer]
+        assert request.item.options[request.item.answer] == item.options[item.answer]
         assert (
-            request.options
+            request.item.options
             == item.options[entry.variant % len(item.options) :] + item.options[: entry.variant % len(item.options)]
         )
-        assert request.images.count(item.images[0]) == 1 and len(request.images) == entry.level
+        assert request.item.images.count(item.images[0]) == 1 and len(request.item.images) == entry.level
     distractors = {tuple(e.images) for e in drawn.entries if e.level == 5 and e.question == "0"}
     assert len(distractors) == 4
     again = build_distractor_set(items, str(path), levels=[1, 3, 5, 20], variants=4, seed=3, log=lambda m: None)
@@ -324,17 +324,17 @@ def test_circular_scoring(tmp_path):
     assert len(requests) == 4 + 3
     for request in requests:
         item = items[int(request.group)]
-        assert request.options[request.answer] == item.options[item.answer]
+        assert request.item.options[request.item.answer] == item.options[item.answer]
     assert rotate_options(["a", "b", "c"], 0, 1) == (["b", "c", "a"], 2)
     # question 0: every rotation right; question 1: all but the last rotation right
-    records = [score_response(r, r.options[r.answer]) for r in requests[:-1]]
+    records = [score_response(r, r.item.options[r.item.answer]) for r in requests[:-1]]
     records.append(score_response(requests[-1], "nonsense"))
     summary = summarize(records, "mmbench", "test")
     assert (summary.overall.correct, summary.overall.total) == (1, 2)
     assert summary.first_variant.correct == 2 and summary.unanswered == 1
     assert summary.categories["cat0"].accuracy == 1.0 and summary.categories["cat1"].accuracy == 0.0
     plain = build_requests(items, circular=False)
-    assert [r.options for r in plain] == [item.options for item in items]
+    assert [r.item.options for r in plain] == [item.options for item in items]
 
 
 def test_report(tmp_path):
@@ -403,7 +403,7 @@ def test_run_and_resume(tiny_model, mixed_requests, tmp_path):
 def test_bad_media_is_recorded(tiny_model, mmbench_items, tmp_path):
     model, processor = tiny_model
     requests = build_requests(mmbench_items[:3], circular=False)
-    requests[0].images = [b"not an image"]
+    requests[0].item.images = [b"not an image"]
     records = run_requests(model, processor, requests, tmp_path, OPTIONS)
     assert "MediaError" in records[0].error and not records[0].correct
     assert all(r.error is None for r in records[1:])

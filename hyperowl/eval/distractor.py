@@ -16,7 +16,7 @@ import hashlib
 import json
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from hyperowl.eval.data import DatasetError, EvalItem
@@ -95,17 +95,14 @@ class DistractorSet:
         for entry in self.entries:
             item = by_id[entry.question]
             options, answer = rotate_options(item.options, int(item.answer), entry.rotation)
+            sources = [by_id[ref] for ref in entry.images]
+            images, keys = [s.images[0] for s in sources], [k for s in sources for k in s.image_keys[:1]]
+            shown = replace(item, options=options, answer=answer, images=images, image_keys=keys)
             requests.append(
                 EvalRequest(
                     id=f"{entry.question}@{entry.level}#v{entry.variant}",
                     group=f"{entry.question}@{entry.level}",
-                    question=item.question,
-                    options=options,
-                    answer=answer,
-                    images=[by_id[ref].images[0] for ref in entry.images],
-                    hint=item.hint,
-                    category=item.category,
-                    meta=dict(item.meta),
+                    item=shown,
                     level=entry.level,
                     variant=entry.variant,
                 )

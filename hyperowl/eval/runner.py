@@ -120,19 +120,19 @@ def load_request_video(request: EvalRequest, fps: float, max_frames: int) -> Vid
     """Frames of the request's video: a file or a frame folder, limited to ``video_window`` when set,
     sampled at ``fps`` and then uniformly down to ``max_frames``. A window that holds no sampled frame
     falls back to the whole video."""
-    if request.video is None:
+    if request.item.video is None:
         raise ValueError(f"request {request.id} has no video")
-    source = Path(request.video)
+    source = Path(request.item.video)
     if source.is_dir():
         frames = sorted(p for p in source.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS)
         if not frames:
             raise MediaError(f"frame folder has no images: {source}")
-        rate = request.frame_rate or fps
+        rate = request.item.frame_rate or fps
         clip = load_video(frames, fps=fps, max_frames=None, frame_rate=rate)
     else:
-        clip = load_video(source, fps=fps, max_frames=None if request.video_window else max_frames, progress=False)
-    if request.video_window:
-        start, end = request.video_window
+        clip = load_video(source, fps=fps, max_frames=None if request.item.video_window else max_frames, progress=False)
+    if request.item.video_window:
+        start, end = request.item.video_window
         inside = [i for i, t in enumerate(clip.timestamps) if start <= t <= end]
         if inside:
             clip = VideoClip([clip.frames[i] for i in inside], [clip.timestamps[i] for i in inside])
@@ -141,7 +141,7 @@ def load_request_video(request: EvalRequest, fps: float, max_frames: int) -> Vid
 
 
 def _cuts(request: EvalRequest, mode: str) -> bool:
-    return mode == "on" or (mode == "auto" and len(request.images) == 1 and request.video is None)
+    return mode == "on" or (mode == "auto" and len(request.item.images) == 1 and request.item.video is None)
 
 
 def _batches(requests: Sequence[EvalRequest], options: RunOptions) -> Iterator[list[EvalRequest]]:
@@ -149,7 +149,7 @@ def _batches(requests: Sequence[EvalRequest], options: RunOptions) -> Iterator[l
     batch: list[EvalRequest] = []
     images = 0
     for request in requests:
-        weight = len(request.images) + (options.max_frames if request.video else 0)
+        weight = len(request.item.images) + (options.max_frames if request.item.video else 0)
         if batch and (
             len(batch) == options.batch_size
             or images + weight > options.max_batch_images
@@ -165,10 +165,10 @@ def _batches(requests: Sequence[EvalRequest], options: RunOptions) -> Iterator[l
 
 def _generate(model: Owl3ForCausalLM, processor: Owl3Processor, batch: list[EvalRequest], options: RunOptions) -> list[str]:
     """Answers to a batch of requests (one processor batch, one ``generate`` call)."""
-    videos = [[load_request_video(r, options.fps, options.max_frames)] if r.video else None for r in batch]
+    videos = [[load_request_video(r, options.fps, options.max_frames)] if r.item.video else None for r in batch]
     inputs = processor(
         [build_messages(r) for r in batch],
-        images=[list(r.images) or None for r in batch],
+        images=[list(r.item.images) or None for r in batch],
         videos=videos,
         cut_enable=_cuts(batch[0], options.cut),
     ).to(model.device, model.dtype)

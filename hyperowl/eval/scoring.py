@@ -43,23 +43,23 @@ class Record:
 
 def score_response(request: EvalRequest, response: str, error: str | None = None) -> Record:
     """Score one model answer: the extracted option must be the right one (open questions: text match)."""
-    if request.options:
-        prediction = None if error else extract_choice(response, request.options)
-        correct = prediction is not None and prediction == request.answer
+    if request.item.options:
+        prediction = None if error else extract_choice(response, request.item.options)
+        correct = prediction is not None and prediction == request.item.answer
     else:
         prediction = None
-        correct = error is None and is_open_answer_correct(response, str(request.answer))
+        correct = error is None and is_open_answer_correct(response, str(request.item.answer))
     return Record(
         id=request.id,
         group=request.group,
-        category=request.category,
-        answer=request.answer,
+        category=request.item.category,
+        answer=request.item.answer,
         response=response,
         prediction=prediction,
         correct=correct,
         level=request.level,
         variant=request.variant,
-        meta=dict(request.meta),
+        meta=dict(request.item.meta),
         error=error,
     )
 

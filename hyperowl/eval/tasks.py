@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 from hyperowl.eval.data import EvalItem
@@ -19,25 +19,15 @@ class EvalRequest:
         id: unique request id (the key of resumable result files).
         group: scoring unit; a group counts as right only when all its requests are right
             (circular evaluation: one group per question; distractor test: one per question and level).
-        question, options, answer, hint, images, video, video_window, frame_rate, category, meta: as
-            in :class:`~hyperowl.eval.data.EvalItem`, with options already rotated and ``answer`` the
-            rotated index.
+        item: the question as shown: its options in the order shown, ``answer`` the index in that
+            order, ``images`` those shown (a distractor prompt adds other questions' images).
         level: number of images shown (distractor test), else None.
         variant: 0 for the published option order / first variant, 1, 2, ... for the others.
     """
 
     id: str
     group: str
-    question: str
-    options: list[str]
-    answer: int | str
-    images: list[str | bytes] = field(default_factory=list)
-    video: str | None = None
-    video_window: tuple[float, float] | None = None
-    frame_rate: float | None = None
-    hint: str = ""
-    category: str = ""
-    meta: dict[str, str] = field(default_factory=dict)
+    item: EvalItem
     level: int | None = None
     variant: int = 0
 
@@ -56,21 +46,8 @@ def item_request(item: EvalItem, shift: int = 0, request_id: str | None = None, 
     options, answer = list(item.options), item.answer
     if options and shift:
         options, answer = rotate_options(options, int(answer), shift)
-    return EvalRequest(
-        id=request_id or item.id,
-        group=group or item.id,
-        question=item.question,
-        options=options,
-        answer=answer,
-        images=list(item.images),
-        video=item.video,
-        video_window=item.video_window,
-        frame_rate=item.frame_rate,
-        hint=item.hint,
-        category=item.category,
-        meta=dict(item.meta),
-        variant=shift,
-    )
+    shown = replace(item, options=options, answer=answer)
+    return EvalRequest(id=request_id or item.id, group=group or item.id, item=shown, variant=shift)
 
 
 def build_requests(items: Sequence[EvalItem], circular: bool) -> list[EvalRequest]:
@@ -88,7 +65,7 @@ def build_requests(items: Sequence[EvalItem], circular: bool) -> list[EvalReques
 def build_messages(request: EvalRequest) -> list[dict[str, Any]]:
     """The one-turn conversation for a request: media placeholders first (unless the question
     already places its ``<|image|>`` tokens), then the question, hint and lettered options."""
-    text = format_question(request.question, request.options, request.hint)
-    missing_images = len(request.images) - text.count(IMAGE_TOKEN)
-    prefix = IMAGE_TOKEN * max(0, missing_images) + (VIDEO_TOKEN if request.video else "")
+    text = format_question(request.item.question, request.item.options, request.item.hint)
+    missing_images = len(request.item.images) - text.count(IMAGE_TOKEN)
+    prefix = IMAGE_TOKEN * max(0, missing_images) + (VIDEO_TOKEN if request.item.video else "")
     return [{"role": "user", "content": f"{prefix}\n{text}" if prefix else text}]
