@@ -442,51 +442,16 @@ def test_cli_end_to_end(tiny_checkpoint, tmp_path):
 
     write_mmbench(tmp_path / "mmbench.tsv", count=5)
     common = ["--model", str(tiny_checkpoint), "--dtype", "float32", "--device", "cpu", "--max-new-tokens", "2", "--no-progress"]
-    assert (
-        main(
-            [
-                "eval",
-                "run",
-                "distractor",
-                "--data",
-                str(tmp_path / "mmbench.tsv"),
-                "--out",
-                str(tmp_path / "d"),
-                "--levels",
-                "1,3",
-                "--variants",
-                "2",
-                "--limit",
-                "2",
-                *common,
-            ]
-        )
-        == 0
-    )
+
+    def run_distractor(limit: int) -> int:
+        args = ["eval", "run", "distractor", "--data", str(tmp_path / "mmbench.tsv"), "--out", str(tmp_path / "d")]
+        return main([*args, "--levels", "1,3", "--variants", "2", "--limit", str(limit), *common])
+
+    assert run_distractor(limit=2) == 0
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
     assert summary["levels"].keys() == {"1", "3"} and summary["levels"]["3"]["total"] == 2
     assert (tmp_path / "d" / "distractor_set.json").is_file() and (tmp_path / "d" / "distractor.png").is_file()
-    assert (
-        main(
-            [
-                "eval",
-                "run",
-                "distractor",
-                "--data",
-                str(tmp_path / "mmbench.tsv"),
-                "--out",
-                str(tmp_path / "d"),
-                "--levels",
-                "1,3",
-                "--variants",
-                "2",
-                "--limit",
-                "3",
-                *common,
-            ]
-        )
-        == 2
-    )
+    assert run_distractor(limit=3) == 2
     assert (
         main(["eval", "report", str(tmp_path / "d"), str(tmp_path / "d"), "--labels", "x,y", "--out", str(tmp_path / "r")]) == 0
     )
