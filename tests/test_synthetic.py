@@ -40,11 +40,29 @@ def test_mixture_is_seeded_and_follows_weights():
     assert 0.65 < tasks.count("single") / 400 < 0.85
 
 
-def test_answers_are_consistent_with_questions():
+def shows(image, colour):
+    return bool((np.asarray(image) == COLOURS[colour]).all(-1).any())
+
+
+def test_distractor_answers_name_the_right_picture():
     opts = TaskOptions(distractors=(16, 16))
-    for i in range(20):
+    kinds = set()
+    for i in range(40):
         s = make_sample("distractor", 0, i, opts)
-        assert s.question.count(IMAGE_TOKEN) == len(s.images) == 16
+        *listing, question = s.question.split("\n")
+        assert listing == [f"Picture {n}: {IMAGE_TOKEN}" for n in range(1, 17)] and len(s.images) == 16
+        if question.startswith("Which picture shows a "):
+            colour, number = question.removeprefix("Which picture shows a ").split()[0], int(s.answer)
+        else:
+            assert question.startswith("What colour is the shape in picture ")
+            colour, number = s.answer, int(question.rstrip("?").split()[-1])
+        assert shows(s.images[number - 1], colour)
+        kinds.add(question.split()[0])
+    assert kinds == {"Which", "What"}
+
+
+def test_answers_are_consistent_with_questions():
+    for i in range(20):
         s = make_sample("compare", 0, i)
         assert s.answer in ("yes", "no") and len(s.images) == 2
         s = make_sample("video", 0, i)
@@ -61,7 +79,7 @@ def test_sequence_names_each_picture_as_it_arrives():
     assert all(m["content"] == f"Picture {i}: {IMAGE_TOKEN}\nWhat is in picture {i}?" for i, m in enumerate(users, 1))
     assert s.question == users[-1]["content"] and s.answer == answers[-1]
     for image, answer in zip(s.images, answers):  # each turn's answer names that turn's picture
-        assert (np.asarray(image) == COLOURS[answer.split()[0]]).all(-1).any()
+        assert shows(image, answer.split()[0])
 
 
 def test_choice_questions_use_the_eval_prompt_and_answer_with_the_letter():
