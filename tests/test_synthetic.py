@@ -18,6 +18,11 @@ from hyperowl.synthetic.tasks import CHOICE_TASKS
 from hyperowl.synthetic.video import NATIVE_FPS
 
 
+def shows(image, colour):
+    """Whether some pixel of `image` has exactly the RGB value of the named colour."""
+    return bool((np.asarray(image) == COLOURS[colour]).all(-1).any())
+
+
 def pixels(sample):
     return [np.asarray(image) for image in sample.images] + [
         np.asarray(frame) for video in sample.videos for frame in video.clip().frames
@@ -38,10 +43,6 @@ def test_mixture_is_seeded_and_follows_weights():
     tasks = [mixture.task_of(i) for i in range(400)]
     assert tasks == [TaskMixture({"single": 3, "compare": 1}, seed=1).task_of(i) for i in range(400)]
     assert 0.65 < tasks.count("single") / 400 < 0.85
-
-
-def shows(image, colour):
-    return bool((np.asarray(image) == COLOURS[colour]).all(-1).any())
 
 
 def test_distractor_answers_name_the_right_picture():
