@@ -45,7 +45,7 @@ class VisionConfig:
         return (self.image_size // self.patch_size) ** 2
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "VisionConfig":
+    def from_dict(cls, data: dict[str, Any]) -> VisionConfig:
         known, extra = _split_known(cls, data)
         return cls(**known, extra=extra)
 
@@ -114,7 +114,7 @@ class Owl3Config:
         return layer_idx + 1 in self.hyper_layers
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Owl3Config":
+    def from_dict(cls, data: dict[str, Any]) -> Owl3Config:
         data = dict(data)
         if "model_type" not in data:
             raise CheckpointError("config.json has no model_type; expected 'mplugowl3'")
@@ -140,7 +140,7 @@ class Owl3Config:
         return Qwen2Config(**{**{k: getattr(self, k) for k in fields + more}, **overrides})
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Owl3Config":
+    def from_pretrained(cls, path: str | Path) -> Owl3Config:
         file = Path(path) / "config.json"
         if not Path(path).is_dir():
             raise CheckpointError(f"checkpoint directory {path} does not exist")

@@ -102,11 +102,16 @@ def test_chat_command_reports_bad_input_without_traceback(tiny_checkpoint, tmp_p
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
     assert run.returncode == 2
     assert "broken.jpg" in run.stderr and "Traceback" not in run.stderr
     missing = subprocess.run(
-        [sys.executable, "-m", "hyperowl.cli", "chat", "--model", str(tmp_path / "nope"), "hi"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "hyperowl.cli", "chat", "--model", str(tmp_path / "nope"), "hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
 
@@ -119,6 +124,7 @@ def test_interactive_chat_keeps_the_conversation(tiny_checkpoint, pictures):
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("owl> ") == 2  # the turn with the missing image prints only its error

@@ -215,7 +215,7 @@ def test_half_precision_close_to_fp32(dtype):
     v = model.config.vision_config
     ids = interleaved_ids(model.config.vocab_size, 8)
     pixels = torch.randn(3, 3, v.image_size, v.image_size)
-    batch = dict(input_ids=ids[None], media_offset=media_offset_for(ids)[None], pixel_values=pixels)
+    batch = {"input_ids": ids[None], "media_offset": media_offset_for(ids)[None], "pixel_values": pixels}
     with torch.no_grad():
         ref = model(**batch).logits
         half = model.to(dtype)(**batch).logits

@@ -357,7 +357,7 @@ def test_sample_frame_indices():
     assert sample_frame_indices(100, 29.97) == [0, 30, 60, 90]
     assert sample_frame_indices(5, 30.0, fps=60.0) == [0, 1, 2, 3, 4]
     long = sample_frame_indices(2 * 3600 * 25, 25.0, max_frames=16)  # 2 h at 25 fps: 7200 candidates
-    assert len(long) == 16 and long[0] == 225 * 25 and long[-1] == int(15 * 450 + 225) * 25
+    assert len(long) == 16 and long[0] == 225 * 25 and long[-1] == (15 * 450 + 225) * 25
     assert sample_frame_indices(0, 25.0) == []
 
 

@@ -25,11 +25,11 @@ SCRATCH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "
 
 
 def recipe(tmp_path: Path, **overrides) -> TrainConfig:
-    base = dict(
-        output_dir=str(tmp_path / "run"), scratch_config=SCRATCH, tokenizer_vocab_size=300,
-        synthetic_tasks={"single": 1, "compare": 1}, policy="full", train_vision=True,
-        steps=6, batch_size=4, lr=3e-3, warmup_steps=1, seed=0, progress=False, num_threads=1,
-    )
+    base = {
+        "output_dir": str(tmp_path / "run"), "scratch_config": SCRATCH, "tokenizer_vocab_size": 300,
+        "synthetic_tasks": {"single": 1, "compare": 1}, "policy": "full", "train_vision": True,
+        "steps": 6, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "seed": 0, "progress": False, "num_threads": 1,
+    }
     return TrainConfig.from_dict({**base, **overrides})
 
 

@@ -51,7 +51,7 @@ class TextKVCache:
         if need <= self.capacity:
             return
         extra = max(need, 2 * self.capacity) - self.capacity
-        pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], extra, t.shape[3])], dim=2)  # noqa: E731
+        pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], extra, t.shape[3])], dim=2)
         self.keys = [pad(k) for k in self.keys]
         self.values = [pad(v) for v in self.values]
         self.valid = torch.cat([self.valid, self.valid.new_zeros(self.batch_size, extra)], dim=1)
@@ -96,13 +96,13 @@ class TextKVCache:
             self.length -= start
 
     @staticmethod
-    def concat(caches: list["TextKVCache"]) -> "TextKVCache":
+    def concat(caches: list[TextKVCache]) -> TextKVCache:
         """One cache holding the rows of all `caches`, right-aligned at a common write index."""
         length = max(c.length for c in caches)
         first = caches[0]
         out = TextKVCache.__new__(TextKVCache)
 
-        def aligned(t: torch.Tensor, c: "TextKVCache") -> torch.Tensor:
+        def aligned(t: torch.Tensor, c: TextKVCache) -> torch.Tensor:
             t = t[..., : c.length] if t.dim() == 2 else t[:, :, : c.length]
             shift = length - c.length
             if t.dim() == 2:
@@ -147,7 +147,7 @@ class VisualKV:
         device: torch.device | str,
         compute_device: torch.device | str,
         pin_memory: bool = False,
-    ) -> "VisualKV":
+    ) -> VisualKV:
         """Zero-filled storage for rows of `num_images[b]` images each (`[B, g, max_images * P, d]` per
         layer), filled image by image with `write`. `pin_memory` pins CPU storage for fast copies."""
         shape = (len(num_images), kv_heads, max(num_images, default=0) * tokens_per_image, head_dim)
@@ -188,7 +188,7 @@ class VisualKV:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def select(self, rows: torch.Tensor | list[int]) -> "VisualKV":
+    def select(self, rows: torch.Tensor | list[int]) -> VisualKV:
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.num_images.device)
         keep = int(self.num_images[rows].max()) * self.tokens_per_image if len(rows) else 0
         return VisualKV(
@@ -199,7 +199,7 @@ class VisualKV:
         )
 
     @staticmethod
-    def concat(parts: list["VisualKV"]) -> "VisualKV":
+    def concat(parts: list[VisualKV]) -> VisualKV:
         """Stack the rows of `parts` (each with its own images), zero-padding to the longest."""
         longest = max(p.keys[0].shape[2] for p in parts)
 
@@ -213,7 +213,7 @@ class VisualKV:
             parts[0].tokens_per_image,
         )
 
-    def extend(self, more: "VisualKV") -> "VisualKV":
+    def extend(self, more: VisualKV) -> VisualKV:
         """Append `more`'s images after this one's, row by row (new images of a later chat turn)."""
         keys, values = [], []
         for mine, theirs, out in ((self.keys, more.keys, keys), (self.values, more.values, values)):

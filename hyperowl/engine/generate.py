@@ -34,7 +34,7 @@ class GenerationOutput:
     visual: VisualKV | None = field(default=None, repr=False)
 
 
-def default_stop_ids(model: "Owl3ForCausalLM") -> list[int]:
+def default_stop_ids(model: Owl3ForCausalLM) -> list[int]:
     eos = model.config.eos_token_id
     return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
 
@@ -53,7 +53,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "media_offset", "pixel_values")
 
 @torch.no_grad()
 def prefill(
-    model: "Owl3ForCausalLM",
+    model: Owl3ForCausalLM,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     media_offset: torch.Tensor | None = None,
@@ -88,7 +88,7 @@ def prefill(
 
 @torch.no_grad()
 def stream_tokens(
-    model: "Owl3ForCausalLM",
+    model: Owl3ForCausalLM,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     media_offset: torch.Tensor | None = None,
@@ -140,7 +140,7 @@ def stream_tokens(
 
 
 def generate(
-    model: "Owl3ForCausalLM",
+    model: Owl3ForCausalLM,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     media_offset: torch.Tensor | None = None,
@@ -176,7 +176,7 @@ def generate(
 
 
 def stream_text(
-    model: "Owl3ForCausalLM",
+    model: Owl3ForCausalLM,
     processor: Any,
     inputs: dict[str, Any],
     params: SamplingParams | None = None,

@@ -57,7 +57,7 @@ def tensor_files(path: Path) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for file in files:
         with safe_open(file, framework="pt") as f:
-            out.update({name: file for name in f.keys()})
+            out.update(dict.fromkeys(f.keys(), file))
     return out
 
 

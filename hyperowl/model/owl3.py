@@ -172,7 +172,7 @@ class Owl3ForCausalLM(nn.Module):
         else:
             if media_offset.shape[0] != 1:
                 raise PromptError("adding images to a cached conversation is supported one conversation at a time")
-            rows = [range(0, stream.total)]
+            rows = [range(stream.total)]
             first_local = [int(previous.num_images[0])]
         counts = media_offset[..., 1] - media_offset[..., 0]
         positions = [image_positions(counts[b], position_ids[b], first_local[b], len(r)) for b, r in enumerate(rows)]
@@ -266,7 +266,7 @@ class Owl3ForCausalLM(nn.Module):
         return TextKVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, capacity, self.dtype, self.device)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> "GenerationOutput":
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> GenerationOutput:
         """Generate from a processor batch; see `hyperowl.engine.generate.generate` for the options."""
         from hyperowl.engine.generate import generate
 
@@ -275,7 +275,7 @@ class Owl3ForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(
         cls, path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu"
-    ) -> "Owl3ForCausalLM":
+    ) -> Owl3ForCausalLM:
         """Load an official-format checkpoint directory (config.json + safetensors, sharded or not)."""
         from hyperowl.model.checkpoint import load_checkpoint
 

@@ -10,7 +10,6 @@ import io
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -19,7 +18,7 @@ from PIL import Image
 from hyperowl.errors import MediaError
 from hyperowl.processing.tokenizer import IMAGE_TOKEN
 
-ImageSource = Union[str, Path, bytes, Image.Image, np.ndarray]
+ImageSource = str | Path | bytes | Image.Image | np.ndarray
 
 #: Default pixel cap (width * height). PIL itself refuses images above twice its
 #: ``Image.MAX_IMAGE_PIXELS`` at open time; that refusal is reported as a MediaError too.

@@ -12,7 +12,6 @@ import io
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import av
 from PIL import Image
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 from hyperowl.errors import MediaError
 from hyperowl.processing.image import ImageSource, load_image
 
-VideoFileSource = Union[str, Path, bytes]
+VideoFileSource = str | Path | bytes
 
 
 @dataclass

@@ -120,7 +120,7 @@ class TrainConfig:
             raise RecipeError(f"warmup_steps must be in 0..steps; got {self.warmup_steps}")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -128,7 +128,7 @@ class TrainConfig:
         return cls(**data)
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
         """Read a YAML recipe; `overrides` (from command-line flags) replace its keys."""
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}

@@ -109,9 +109,7 @@ def apply_policy(model: Owl3ForCausalLM, cfg: TrainConfig) -> None:
             trainable = False
         elif name.startswith("vision_model."):
             trainable = cfg.train_vision
-        elif name.startswith("vision2text_model."):
-            trainable = True
-        elif cfg.policy == "full":
+        elif name.startswith("vision2text_model.") or cfg.policy == "full":
             trainable = True
         elif cfg.policy == "lora":
             trainable = ".lora_" in name
