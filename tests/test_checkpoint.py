@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from hyperowl import CheckpointError, Owl3ForCausalLM
+from hyperowl.model.checkpoint import INIT_FUNCTIONS
 from tests.tiny import random_model, tiny_config
 
 
@@ -28,6 +31,24 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
         assert n1 == n2 and torch.equal(a, b), n1
     ids = torch.randint(0, 100, (1, 12))
     assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_loading_skips_initialisation_and_restores_it(tmp_path):
+    random_model().save_pretrained(tmp_path)
+    inits = {name: getattr(torch.nn.init, name) for name in INIT_FUNCTIONS}
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text((tmp_path / "config.json").read_text())
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="cannot read .*broken/model.safetensors"):
+        Owl3ForCausalLM.from_pretrained(tmp_path / "broken")
+    Owl3ForCausalLM.from_pretrained(tmp_path)
+    assert {name: getattr(torch.nn.init, name) for name in INIT_FUNCTIONS} == inits
+    # a fresh process: initialising meta tensors would import torch._dynamo (seconds of start-up)
+    check = (
+        "import sys; from hyperowl import Owl3ForCausalLM; "
+        f"Owl3ForCausalLM.from_pretrained({str(tmp_path)!r}); assert 'torch._dynamo' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", check], check=True, timeout=120)
 
 
 def test_sharded_checkpoint_loads(tmp_path):
@@ -85,6 +106,18 @@ def test_mismatched_tensors_are_named(tmp_path, edit, message):
     with pytest.raises(CheckpointError) as err:
         Owl3ForCausalLM.from_pretrained(tmp_path)
     assert message in str(err.value)
+
+
+def test_corrupt_files_are_named(tmp_path):
+    random_model().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="cannot read .*model.safetensors .*complete safetensors file"):
+        Owl3ForCausalLM.from_pretrained(tmp_path)
+    weights.unlink()
+    (tmp_path / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="index.json is not a safetensors index"):
+        Owl3ForCausalLM.from_pretrained(tmp_path)
 
 
 def test_config_and_file_errors(tmp_path):

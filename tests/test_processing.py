@@ -82,6 +82,12 @@ def test_tokenizer_special_tokens_round_trip(tokenizer, tmp_path):
 def test_load_tokenizer_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_tokenizer(tmp_path / "nope")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="no tokenizer files in .*tokenizer.json"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="could not load a tokenizer"):
+        load_tokenizer(tmp_path)
 
 
 # ---------------------------------------------------------------- images

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from hyperowl.config import Owl3Config
 from hyperowl.errors import CheckpointError
@@ -26,6 +30,25 @@ SINGLE_FILE = "model.safetensors"
 IGNORED = re.compile(r"^vision_model\.head\.|\.rotary_emb\.inv_freq$")
 GATE = re.compile(r"\.self_attn\.gate_proj\.0\.weight$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: The `torch.nn.init` functions the model's layers call from their constructors.
+INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_", "kaiming_normal_")
+
+
+@contextmanager
+def uninitialised_weights() -> Iterator[None]:
+    """Layers built inside skip their random initialisation (their weights are loaded right after).
+
+    Besides the wasted work, initialising meta tensors imports `torch._dynamo` (about 2-3 s per
+    process with torch 2.13), which was most of the start-up time of `hyperowl chat` on small models.
+    """
+    saved = {name: getattr(nn.init, name) for name in INIT_FUNCTIONS}
+    for name in INIT_FUNCTIONS:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, config: Owl3Config) -> torch.dtype:
@@ -38,13 +61,26 @@ def resolve_dtype(dtype: torch.dtype | str | None, config: Owl3Config) -> torch.
     return DTYPES[name]
 
 
+@contextmanager
+def read_tensors(file: Path, device: str = "cpu") -> Iterator[Any]:
+    """`safe_open(file)`; an unreadable, corrupt or truncated file raises a CheckpointError naming it."""
+    try:
+        with safe_open(file, framework="pt", device=device) as f:
+            yield f
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot read {file} ({exc}); is it a complete safetensors file?") from exc
+
+
 def tensor_files(path: Path) -> dict[str, Path]:
     """Map every tensor name to the safetensors file holding it."""
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     index = path / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a safetensors index with a weight_map ({exc!r})") from exc
         missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
         if missing:
             raise CheckpointError(f"{index} names shard files that are missing: {missing}")
@@ -56,7 +92,7 @@ def tensor_files(path: Path) -> dict[str, Path]:
         raise CheckpointError(f"no *.safetensors weights in {path}{hint}")
     out: dict[str, Path] = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with read_tensors(file) as f:
             out.update(dict.fromkeys(f.keys(), file))
     return out
 
@@ -84,21 +120,21 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None, de
         # 7B-240728 has a gate per hyper layer; 7B-241101 fuses visual and text K/V and has none (SPEC §2).
         config.fused_hyper_attention = not any(GATE.search(n) for n in files)
     target = resolve_dtype(dtype, config)
-    with torch.device("meta"):
+    with torch.device("meta"), uninitialised_weights():
         model = Owl3ForCausalLM(config)
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
     shapes: dict[str, tuple[int, ...]] = {}
     for file, names in by_file.items():
-        with safe_open(file, framework="pt") as f:
+        with read_tensors(file) as f:
             shapes.update({n: tuple(f.get_slice(n).get_shape()) for n in names})
     check_names_and_shapes(model, shapes)
     expected = model.state_dict().keys()
     state: dict[str, torch.Tensor] = {}
     device_name = str(torch.device(device))
     for file, names in by_file.items():
-        with safe_open(file, framework="pt", device=device_name) as f:
+        with read_tensors(file, device_name) as f:
             for n in names:
                 if n in expected:
                     state[n] = f.get_tensor(n).to(target)

@@ -58,6 +58,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
     )
 
 
+#: One of these files marks a directory holding a tokenizer (fast tokenizer file or Qwen2 BPE vocabulary).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
 def single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:
     """Return the id of ``token`` if the tokenizer encodes it as exactly one token, else None."""
     ids = tokenizer.encode(token, add_special_tokens=False)
@@ -74,6 +78,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"tokenizer directory not found: {path}")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"no tokenizer files in {path} (expected tokenizer.json, or vocab.json and merges.txt)")
     # AutoTokenizer also reads config.json and warns that it does not know `mplugowl3`: silence that.
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
