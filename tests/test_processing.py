@@ -159,6 +159,21 @@ def test_load_image_sources_agree(tmp_path):
     assert gray.mode == "RGB" and np.array_equal(np.asarray(gray)[:, :, 2], array[:, :, 0])
 
 
+def test_high_bit_depth_images_keep_their_contrast(tmp_path):
+    levels = np.arange(0, 256, dtype=np.uint8).reshape(16, 16)
+    deep = levels.astype(np.uint16) * 257  # the same picture with 16 bits per pixel
+    path = tmp_path / "deep.png"
+    Image.fromarray(deep).save(path)
+    with Image.open(path) as stored:
+        assert stored.mode.startswith("I")
+    for src in (path, Image.fromarray(deep), Image.fromarray(deep.astype(np.int32), mode="I")):
+        assert np.array_equal(np.asarray(load_image(src))[:, :, 0], levels)
+    as_float = Image.fromarray(levels.astype(np.float32) / 255.0, mode="F")
+    assert np.array_equal(np.asarray(load_image(as_float))[:, :, 1], levels)
+    dark = Image.fromarray(levels.astype(np.int32), mode="I")  # 32-bit integers within 0-255 are kept
+    assert np.array_equal(np.asarray(load_image(dark))[:, :, 2], levels)
+
+
 def test_image_errors(tmp_path):
     with pytest.raises(MediaError, match="not found.*missing.png"):
         load_image(tmp_path / "missing.png")

@@ -55,6 +55,25 @@ def _array_to_image(array: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array))
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB.
+
+    16-bit greyscale (modes ``I;16*``) is scaled from the 16-bit range, as is 32-bit integer greyscale
+    (mode ``I``, which PIL uses for some 16-bit PNGs) whose values exceed 255; float greyscale (mode
+    ``F``) in [0, 1] is scaled to 0-255, other floats are clipped. PIL's own ``convert("RGB")`` clips
+    all of these to 255, which turns most 16-bit pictures white.
+    """
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        peak = values.max(initial=0.0)
+        if image.mode.startswith("I;16") or (image.mode == "I" and peak > 255):
+            values = values / 257.0
+        elif image.mode == "F" and peak <= 1.0:
+            values = values * 255.0
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
 def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Load an image as RGB.
 
@@ -68,7 +87,7 @@ def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     """
     if isinstance(src, Image.Image):
         _check_pixels(src.width, src.height, max_pixels, "image")
-        return src.convert("RGB")
+        return to_rgb(src)
     if isinstance(src, np.ndarray):
         image = _array_to_image(src)
         _check_pixels(image.width, image.height, max_pixels, "image array")
@@ -89,7 +108,7 @@ def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
             with Image.open(fp) as image:
                 _check_pixels(image.width, image.height, max_pixels, name)
                 image.load()
-                return image.convert("RGB")
+                return to_rgb(image)
     except MediaError:
         raise
     except Image.DecompressionBombError as exc:
