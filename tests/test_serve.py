@@ -88,12 +88,12 @@ class Reference:
         self.processor = Owl3Processor.from_pretrained(path)
 
     def answer(
-        self, messages: list[dict], images: list | None = None, videos: list | None = None, max_tokens: int = 16
+        self, messages: list[dict], images: list | None = None, videos: list | None = None, max_tokens: int = 16, **sampling
     ) -> tuple[str, int, int]:
-        """(text, prompt tokens, completion tokens) for processor-format `messages`."""
+        """(text, prompt tokens, completion tokens) for processor-format `messages` (`sampling`: `generate` settings)."""
         batch = self.processor(messages, images=images or [], videos=videos or [])
         stops = self.processor.stop_token_ids
-        out = self.model.generate(**batch, max_new_tokens=max_tokens, stop_token_ids=stops)
+        out = self.model.generate(**batch, max_new_tokens=max_tokens, stop_token_ids=stops, **sampling)
         ids = out.sequences[0, : out.num_generated[0]].tolist()
         text = self.processor.decode([i for i in ids if i not in stops], skip_special_tokens=True)
         return text, batch["input_ids"].shape[1], len(ids)
@@ -262,6 +262,24 @@ def test_stop_strings_seed_and_sampling(client: openai.OpenAI, ref: Reference, m
     assert sampled[0] == sampled[1]
 
 
+def test_sampling_extensions_and_neutral_openai_fields(client: openai.OpenAI, ref: Reference, model_name: str) -> None:
+    messages = [{"role": "user", "content": "Describe the picture."}]
+    greedy = ref.answer(messages, max_tokens=30)[0]
+    penalised = ref.answer(messages, max_tokens=30, repetition_penalty=1.5)[0]
+    assert penalised != greedy  # the penalty matters for this prompt, so the comparison below tests it
+
+    def ask(**extra) -> str:
+        reply = client.chat.completions.create(model=model_name, messages=messages, max_tokens=30, **extra)
+        return reply.choices[0].message.content
+
+    assert ask(temperature=0, extra_body={"repetition_penalty": 1.5}) == penalised
+    assert ask(temperature=1.0, seed=3, extra_body={"top_k": 1}) == greedy
+    neutral = {"logprobs": False, "presence_penalty": 0, "frequency_penalty": 0, "response_format": {"type": "text"}}
+    assert ask(temperature=0, **neutral) == greedy
+    with pytest.raises(openai.BadRequestError, match="does not support logprobs"):
+        ask(temperature=0, logprobs=True)
+
+
 def test_sixteen_concurrent_requests_equal_their_sequential_answers(
     server: str, client: openai.OpenAI, ref: Reference, model_name: str
 ) -> None:
@@ -328,6 +346,11 @@ def bad_requests(media_dir: Path, model_name: str) -> list[tuple[str, Any, int, 
         ("temperature", body(text, temperature=5), 422, "invalid_request"),
         ("wrong model", {**body(text), "model": "gpt-4"}, 404, "model_not_found"),
         ("max_tokens cap", body(text, max_tokens=5000), 400, "max_tokens"),
+        ("top_k < 0", body(text, top_k=-1), 422, "invalid_request"),
+        ("logprobs", body(text, logprobs=True, top_logprobs=2), 400, "unsupported_parameter"),
+        ("tools", body(text, tools=[{"type": "function", "function": {"name": "f"}}]), 400, "unsupported_parameter"),
+        ("json mode", body(text, response_format={"type": "json_object"}), 400, "unsupported_parameter"),
+        ("presence penalty", body(text, presence_penalty=0.5), 400, "unsupported_parameter"),
         ("too many stops", body(text, stop=["a", "b", "c", "d", "e"]), 400, None),
         ("too many images", body(*[ok_image] * 5, text), 400, "max_images"),
         ("too many pixels", body({"type": "image_url", "image_url": {"url": big_png}}, text), 400, "max_image_pixels"),

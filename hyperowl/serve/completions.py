@@ -83,6 +83,14 @@ async def prepare_job(
     request: ChatCompletionRequest, processor: Owl3Processor, settings: ServerSettings, max_context: int
 ) -> Job:
     """Check `request` against the limits, load its media, process the prompt; 4xx `ApiError` when it cannot run."""
+    unsupported = request.unsupported_features()
+    if unsupported:
+        raise ApiError(
+            400,
+            f"hyperowl does not support {', '.join(unsupported)}; leave {'them' if len(unsupported) > 1 else 'it'} out of the request",
+            param=unsupported[0],
+            code="unsupported_parameter",
+        )
     max_tokens = request.max_completion_tokens or request.max_tokens or min(settings.default_max_tokens, settings.max_tokens)
     if max_tokens > settings.max_tokens:
         raise limit_error(f"max_tokens {max_tokens} is more than {settings.max_tokens}", "max_tokens", "max_tokens")
@@ -107,6 +115,8 @@ async def prepare_job(
         do_sample=temperature > 0,
         temperature=temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=request.top_k or 0,
+        repetition_penalty=request.repetition_penalty or 1.0,
         seed=request.seed,
     )
     return Job(batch, params, stops, request.ignore_eos, settings.request_timeout_s)

@@ -120,13 +120,20 @@ class Row:
         self.decode = decode
         self.stop_ids = set() if job.ignore_eos else stop_ids
         self.generator = job.params.generator(device)
+        # the repetition penalty's history: the prompt, then every answer token (as `generate` keeps it)
+        self.history: torch.Tensor | None = None
+        if job.params.repetition_penalty != 1.0:
+            self.history = job.batch["input_ids"][0][job.batch["attention_mask"][0].bool()].to(device)
         self.ids: list[int] = []
         self.sent = 0
         self.count = 0
         self.last = 0
 
     def sample(self, logits: torch.Tensor) -> int:
-        return sample_row(logits, self.job.params, None, self.generator)
+        token = sample_row(logits, self.job.params, self.history, self.generator)
+        if self.history is not None:
+            self.history = torch.cat([self.history, self.history.new_tensor([token])])
+        return token
 
     def accept(self, token: int) -> str | None:
         """Take the next token, emit the text that is now certain; return a finish reason when done."""

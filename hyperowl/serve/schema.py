@@ -1,12 +1,15 @@
 """Request bodies of the OpenAI chat completions API (the subset hyperowl serves), as pydantic models.
 
-Unknown fields are ignored, as OpenAI-compatible servers usually do. Extensions: a `video_url` content
-part (`{"url", "max_frames"}`) and `ignore_eos` (keep generating past the stop tokens, for benchmarks).
+Unknown fields are ignored, as OpenAI-compatible servers usually do; known OpenAI features that change
+the answer and that hyperowl does not have (logprobs, tools, JSON mode, presence/frequency penalties)
+are refused by name instead (`unsupported_features`). Extensions: a `video_url` content part
+(`{"url", "max_frames"}`), `top_k` and `repetition_penalty` (as vLLM names them) and `ignore_eos` (keep
+generating past the stop tokens, for benchmarks).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -64,7 +67,27 @@ class ChatCompletionRequest(_Lenient):
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = Field(default=1, ge=1, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    repetition_penalty: float | None = Field(default=None, gt=0)
     ignore_eos: bool = False
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported_features(self) -> list[str]:
+        """Names of the requested OpenAI features hyperowl does not implement (their neutral values pass)."""
+        asked = {
+            "logprobs": bool(self.logprobs) or bool(self.top_logprobs),
+            "presence_penalty": bool(self.presence_penalty),
+            "frequency_penalty": bool(self.frequency_penalty),
+            "tools": bool(self.tools) or bool(self.functions),
+            "response_format": (self.response_format or {}).get("type", "text") != "text",
+        }
+        return [name for name, wanted in asked.items() if wanted]
 
     def stop_strings(self) -> list[str]:
         """`stop` as a list of non-empty strings."""
