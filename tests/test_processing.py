@@ -178,8 +178,10 @@ def test_image_errors(tmp_path):
     with pytest.raises(MediaError, match="not found.*missing.png"):
         load_image(tmp_path / "missing.png")
     (tmp_path / "bad.jpg").write_bytes(b"this is not an image at all")
-    with pytest.raises(MediaError, match="cannot decode image .*bad.jpg"):
+    with pytest.raises(MediaError, match="cannot decode image .*bad.jpg: not a file in an image format"):
         load_image(tmp_path / "bad.jpg")
+    with pytest.raises(MediaError, match="^cannot decode image <bytes>: not a file in an image format PIL reads$"):
+        load_image(b"hello")
     buffer = io.BytesIO()
     solid((1, 2, 3), (64, 64)).save(buffer, format="PNG")
     with pytest.raises(MediaError, match="cannot decode"):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from hyperowl.errors import MediaError
 from hyperowl.processing.tokenizer import IMAGE_TOKEN
@@ -113,6 +113,8 @@ def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         raise
     except Image.DecompressionBombError as exc:
         raise MediaError(f"image too large: {name}: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise MediaError(f"cannot decode image {name}: not a file in an image format PIL reads") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise MediaError(f"cannot decode image {name}: {exc}") from exc
 
