@@ -22,7 +22,7 @@ DEFAULT_MODEL = Path(__file__).parent / "assets" / "default-model"
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """`--model/--dtype/--device`, shared by every subcommand that loads a model."""
-    parser.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the bundled small model)")
+    parser.add_argument("--model", type=Path, default=None, help="checkpoint directory or Hugging Face Hub repository id (default: the bundled small model)")
     parser.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (checkpoint's own)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hyperowl import CheckpointError, Owl3ForCausalLM
+from hyperowl import CheckpointError, Owl3ForCausalLM, Owl3Processor
+from hyperowl.hub import CHECKPOINT_FILES, checkpoint_dir
 from hyperowl.model.checkpoint import INIT_FUNCTIONS
 from tests.tiny import random_model, tiny_config
 
@@ -49,6 +50,34 @@ def test_loading_skips_initialisation_and_restores_it(tmp_path):
         f"Owl3ForCausalLM.from_pretrained({str(tmp_path)!r}); assert 'torch._dynamo' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", check], check=True, timeout=120)
+
+
+def test_hub_repository_ids(tmp_path, monkeypatch, tiny_checkpoint):
+    import huggingface_hub
+
+    random_model().save_pretrained(tmp_path / "snapshot")
+    fetched = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        fetched.append((repo_id, allow_patterns))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert checkpoint_dir(tmp_path / "snapshot") == tmp_path / "snapshot" and not fetched
+    model = Owl3ForCausalLM.from_pretrained("mPLUG/mPLUG-Owl3-7B-241101")
+    assert fetched == [("mPLUG/mPLUG-Owl3-7B-241101", CHECKPOINT_FILES)] and "*.bin" not in CHECKPOINT_FILES
+    assert model.config.hyper_layers == [2, 4]
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, allow_patterns: str(tiny_checkpoint))
+    assert Owl3Processor.from_pretrained("owner/tiny").tokenizer.name_or_path == str(tiny_checkpoint)
+
+    def offline(repo_id, allow_patterns):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("Got: ConnectError: no network\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(CheckpointError, match=r"owner/missing is not a local directory, .*Hub failed \(Got: ConnectError: no network\)"):
+        Owl3ForCausalLM.from_pretrained("owner/missing")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Owl3ForCausalLM.from_pretrained(tmp_path / "a" / "b")
 
 
 def test_sharded_checkpoint_loads(tmp_path):

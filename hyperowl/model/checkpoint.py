@@ -21,6 +21,7 @@ from torch import nn
 
 from hyperowl.config import Owl3Config
 from hyperowl.errors import CheckpointError
+from hyperowl.hub import checkpoint_dir
 from hyperowl.model.owl3 import Owl3ForCausalLM
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -114,7 +115,7 @@ def check_names_and_shapes(model: Owl3ForCausalLM, shapes: dict[str, tuple[int, 
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu") -> Owl3ForCausalLM:
-    path = Path(path)
+    path = checkpoint_dir(path)
     config = Owl3Config.from_pretrained(path)
     files = tensor_files(path)
     if config.fused_hyper_attention is None:

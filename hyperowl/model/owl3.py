@@ -276,7 +276,8 @@ class Owl3ForCausalLM(nn.Module):
     def from_pretrained(
         cls, path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu"
     ) -> Owl3ForCausalLM:
-        """Load an official-format checkpoint directory (config.json + safetensors, sharded or not)."""
+        """Load an official-format checkpoint (config.json + safetensors, sharded or not) from a directory
+        or a Hugging Face Hub repository id such as ``mPLUG/mPLUG-Owl3-7B-241101``."""
         from hyperowl.model.checkpoint import load_checkpoint
 
         return load_checkpoint(path, dtype=dtype, device=device)

@@ -13,6 +13,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from hyperowl.errors import CheckpointError, PromptError
+from hyperowl.hub import checkpoint_dir
 from hyperowl.processing.chat import Message, message_text, part_media, render_chat_with_spans
 from hyperowl.processing.image import DEFAULT_MAX_PIXELS, cut_image, cut_placeholder, image_to_tensor, load_image
 from hyperowl.processing.tokenizer import ENDOFTEXT, IM_END, IMAGE_TOKEN, VIDEO_TOKEN, load_tokenizer, single_token_id
@@ -96,9 +97,9 @@ class Owl3Processor:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides: Any) -> Owl3Processor:
-        """Build from a checkpoint directory: its tokenizer files and ``config.json``'s
+        """Build from a checkpoint directory (or Hub repository id): its tokenizer files and ``config.json``'s
         ``vision_config.image_size``; keyword ``overrides`` replace constructor arguments."""
-        path = Path(path)
+        path = checkpoint_dir(path)
         tokenizer = load_tokenizer(path)
         if "image_size" not in overrides:
             config_file = path / "config.json"
