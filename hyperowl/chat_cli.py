@@ -73,17 +73,18 @@ def run(args: argparse.Namespace) -> int:
         if not line:
             continue
         try:
-            answer(session, line, images, videos, args.stats)
+            answer(session, line, images, videos, args.stats, prefix="owl> ")
         except HyperowlError as exc:
             print(f"\nerror: {exc}", file=sys.stderr)
         images, videos = [], []
 
 
-def answer(session: ChatSession, question: str, images: list[str], videos: list[str], stats: bool) -> None:
+def answer(session: ChatSession, question: str, images: list[str], videos: list[str], stats: bool, prefix: str = "") -> None:
+    """Stream the answer to stdout after `prefix` (one-shot questions print the bare answer, for scripts)."""
     start = time.perf_counter()
     pieces = session.ask_stream(question, images, videos)
     first = next(pieces, "")  # media and prompt errors surface here, before anything is printed
-    print(f"owl> {first}", end="", flush=True)
+    print(f"{prefix}{first}", end="", flush=True)
     for piece in pieces:
         print(piece, end="", flush=True)
     print()

@@ -91,7 +91,7 @@ def test_chat_command_answers_like_generate(owl, tiny_checkpoint, pictures, caps
     assert code == 0
     printed = capsys.readouterr().out
     expected = fresh_answer(model, processor, [{"role": "user", "content": "<|image|>What colour?"}], [pictures[0]], 5)
-    assert printed == f"owl> {expected}\n"
+    assert printed == f"{expected}\n"  # one-shot: the bare answer
 
 
 def test_chat_command_reports_bad_input_without_traceback(tiny_checkpoint, tmp_path):
@@ -143,7 +143,7 @@ def test_chat_command_with_a_video_file(owl, tiny_checkpoint, tmp_path, capsys):
     assert int((batch["input_ids"] == processor.image_token_id).sum()) == 4
     out = model.generate(**batch, max_new_tokens=4, stop_token_ids=processor.stop_token_ids)
     ids = [i for i in out.sequences[0, : out.num_generated[0]].tolist() if i not in processor.stop_token_ids]
-    assert capsys.readouterr().out == f"owl> {processor.decode(ids, skip_special_tokens=True)}\n"
+    assert capsys.readouterr().out == f"{processor.decode(ids, skip_special_tokens=True)}\n"
 
 
 def test_quick_start_uses_the_bundled_model(capsys):
@@ -151,4 +151,4 @@ def test_quick_start_uses_the_bundled_model(capsys):
     example = Path(__file__).parents[1] / "examples" / "red-circle.png"
     code = main(["chat", "--image", str(example), "What colour is the shape?"])
     assert code == 0
-    assert capsys.readouterr().out == "owl> red\n"
+    assert capsys.readouterr().out == "red\n"
