@@ -276,8 +276,36 @@ def test_sampling_extensions_and_neutral_openai_fields(client: openai.OpenAI, re
     assert ask(temperature=1.0, seed=3, extra_body={"top_k": 1}) == greedy
     neutral = {"logprobs": False, "presence_penalty": 0, "frequency_penalty": 0, "response_format": {"type": "text"}}
     assert ask(temperature=0, **neutral) == greedy
-    with pytest.raises(openai.BadRequestError, match="does not support logprobs"):
-        ask(temperature=0, logprobs=True)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        ask(temperature=0, top_logprobs=2)
+
+
+def test_logprobs_are_the_models_and_stream_like_the_answer(client: openai.OpenAI, ref: Reference, model_name: str) -> None:
+    messages = [{"role": "user", "content": "Describe the picture."}]
+    reply = client.chat.completions.create(model=model_name, messages=messages, temperature=0, max_tokens=12, logprobs=True, top_logprobs=3)
+    entries = reply.choices[0].logprobs.content
+    assert "".join(e.token for e in entries) == reply.choices[0].message.content
+    stop_token = reply.choices[0].finish_reason == "stop"
+    assert len(entries) == reply.usage.completion_tokens - stop_token  # the stop token has no entry
+    # teacher-forced reference: the model's log-softmax at each answer position
+    batch = ref.processor(messages)
+    out = ref.model.generate(**batch, max_new_tokens=len(entries), stop_token_ids=ref.processor.stop_token_ids)
+    answer_ids = out.sequences[0, : len(entries)].tolist()
+    ids = torch.cat([batch["input_ids"], torch.tensor([answer_ids])], 1)
+    with torch.no_grad():
+        expected = torch.log_softmax(ref.model(input_ids=ids).logits[0, batch["input_ids"].shape[1] - 1 : -1].float(), -1)
+    for step, (entry, token) in enumerate(zip(entries, answer_ids)):
+        assert entry.logprob == pytest.approx(float(expected[step, token]), abs=1e-4)
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token  # greedy: the top one
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+        assert bytes(entry.bytes) == entry.token.encode()
+    streamed = client.chat.completions.create(
+        model=model_name, messages=messages, temperature=0, max_tokens=12, logprobs=True, top_logprobs=3, stream=True
+    )
+    chunks = [c.choices[0] for c in streamed if c.choices]
+    assert [e.model_dump() for c in chunks if c.logprobs for e in c.logprobs.content] == [e.model_dump() for e in entries]
+    plain = client.chat.completions.create(model=model_name, messages=messages, temperature=0, max_tokens=12)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == reply.choices[0].message.content
 
 
 def test_sixteen_concurrent_requests_equal_their_sequential_answers(
@@ -347,7 +375,7 @@ def bad_requests(media_dir: Path, model_name: str) -> list[tuple[str, Any, int, 
         ("wrong model", {**body(text), "model": "gpt-4"}, 404, "model_not_found"),
         ("max_tokens cap", body(text, max_tokens=5000), 400, "max_tokens"),
         ("top_k < 0", body(text, top_k=-1), 422, "invalid_request"),
-        ("logprobs", body(text, logprobs=True, top_logprobs=2), 400, "unsupported_parameter"),
+        ("top_logprobs > 20", body(text, logprobs=True, top_logprobs=21), 422, "invalid_request"),
         ("tools", body(text, tools=[{"type": "function", "function": {"name": "f"}}]), 400, "unsupported_parameter"),
         ("json mode", body(text, response_format={"type": "json_object"}), 400, "unsupported_parameter"),
         ("presence penalty", body(text, presence_penalty=0.5), 400, "unsupported_parameter"),

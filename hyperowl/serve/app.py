@@ -228,9 +228,9 @@ def create_app(model: Owl3ForCausalLM, processor: Owl3Processor, settings: Serve
             async with aclosing(watch(job, request)) as events:
                 async for event in events:
                     if isinstance(event, TextDelta):
-                        yield chunk(ident, now, model_name, {"content": event.text})
+                        yield chunk(ident, now, model_name, {"content": event.text}, logprobs=event.logprobs)
                     elif isinstance(event, Finished):
-                        yield chunk(ident, now, model_name, {}, event.finish_reason, usage(event))
+                        yield chunk(ident, now, model_name, {}, event.finish_reason, usage(event), event.logprobs)
                         if include_usage:
                             yield chunk(ident, now, model_name, None, usage_=usage(event))
                     else:
@@ -285,13 +285,16 @@ def create_app(model: Owl3ForCausalLM, processor: Owl3Processor, settings: Serve
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        pieces = []
+        pieces, logprobs = [], None if job.top_logprobs is None else []
         async with aclosing(watch(job, request)) as events:
             async for event in events:
+                if isinstance(event, TextDelta | Finished) and logprobs is not None:
+                    logprobs += event.logprobs or []
                 if isinstance(event, TextDelta):
                     pieces.append(event.text)
                 elif isinstance(event, Finished):
-                    return JSONResponse(completion_body(ident, int(time.time()), settings.model_name, "".join(pieces), event))
+                    body = completion_body(ident, int(time.time()), settings.model_name, "".join(pieces), event, logprobs)
+                    return JSONResponse(body)
                 else:
                     raise event.error
         return Response(status_code=499)  # the client went away; nobody reads this

@@ -13,7 +13,7 @@ from hyperowl.engine.sampling import SamplingParams
 from hyperowl.processing.processor import Owl3Batch, Owl3Processor
 from hyperowl.serve.errors import ApiError, limit_error
 from hyperowl.serve.media import MediaSource, load_checked_image, load_checked_video, resolve_media
-from hyperowl.serve.scheduler import Finished, Job
+from hyperowl.serve.scheduler import Finished, Job, TokenLogprob
 from hyperowl.serve.schema import ChatCompletionRequest, ChatMessage, ImageUrlPart, TextPart
 from hyperowl.serve.settings import ServerSettings
 
@@ -91,6 +91,8 @@ async def prepare_job(
             param=unsupported[0],
             code="unsupported_parameter",
         )
+    if request.top_logprobs is not None and not request.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     max_tokens = request.max_completion_tokens or request.max_tokens or min(settings.default_max_tokens, settings.max_tokens)
     if max_tokens > settings.max_tokens:
         raise limit_error(f"max_tokens {max_tokens} is more than {settings.max_tokens}", "max_tokens", "max_tokens")
@@ -119,7 +121,8 @@ async def prepare_job(
         repetition_penalty=request.repetition_penalty or 1.0,
         seed=request.seed,
     )
-    return Job(batch, params, stops, request.ignore_eos, settings.request_timeout_s)
+    top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    return Job(batch, params, stops, request.ignore_eos, settings.request_timeout_s, top_logprobs)
 
 
 def usage(done: Finished) -> dict[str, int]:
@@ -130,18 +133,22 @@ def usage(done: Finished) -> dict[str, int]:
     }
 
 
-def completion_body(ident: str, created: int, model: str, text: str, done: Finished) -> dict[str, Any]:
+def logprobs_field(entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    """A choice's `logprobs`: `{"content": entries}`, or None when they were not requested."""
+    return None if entries is None else {"content": entries}
+
+
+def completion_body(
+    ident: str, created: int, model: str, text: str, done: Finished, logprobs: list[TokenLogprob] | None = None
+) -> dict[str, Any]:
     """A `chat.completion` object."""
-    return {
-        "id": ident,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": done.finish_reason}
-        ],
-        "usage": usage(done),
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": logprobs_field(logprobs),
+        "finish_reason": done.finish_reason,
     }
+    return {"id": ident, "object": "chat.completion", "created": created, "model": model, "choices": [choice], "usage": usage(done)}
 
 
 def sse(data: dict[str, Any] | str) -> str:
@@ -156,9 +163,11 @@ def chunk(
     delta: dict[str, Any] | None,
     finish_reason: str | None = None,
     usage_: dict[str, int] | None = None,
+    logprobs: list[TokenLogprob] | None = None,
 ) -> str:
     """A `chat.completion.chunk` event; `delta=None` gives the usage-only chunk (no choices)."""
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs_field(logprobs), "finish_reason": finish_reason}
+    choices = [] if delta is None else [choice]
     body: dict[str, Any] = {
         "id": ident,
         "object": "chat.completion.chunk",

@@ -34,20 +34,27 @@ if TYPE_CHECKING:
 log = logging.getLogger("hyperowl.serve")
 
 
+#: One answer token's OpenAI `logprobs.content` entry: `token`, `logprob`, `bytes`, `top_logprobs`.
+TokenLogprob = dict[str, Any]
+
+
 @dataclass
 class TextDelta:
-    """New answer text."""
+    """New answer text, with the logprob entries of the tokens that completed it (when requested)."""
 
     text: str
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
 class Finished:
-    """The answer is complete. `finish_reason`: "stop" (stop token or string) or "length"."""
+    """The answer is complete. `finish_reason`: "stop" (stop token or string) or "length". `logprobs`:
+    entries of answer tokens whose text was never sent (a stop string's, or a held-back end)."""
 
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -64,7 +71,8 @@ class Job:
     """One chat completion as the scheduler sees it: the processed prompt, how to sample, where events go.
 
     Created on the event loop of the HTTP request; `events` receives `TextDelta`s then one `Finished`
-    or `Failed`. `cancel()` (client gone) makes the scheduler drop it at its next step.
+    or `Failed`. `cancel()` (client gone) makes the scheduler drop it at its next step. `top_logprobs`:
+    None for no logprobs, else how many alternatives each token's logprob entry lists (0-20).
     """
 
     def __init__(
@@ -74,8 +82,10 @@ class Job:
         stop_strings: list[str],
         ignore_eos: bool,
         timeout_s: float,
+        top_logprobs: int | None = None,
     ) -> None:
         self.batch = batch
+        self.top_logprobs = top_logprobs
         self.params = params
         self.stop_strings = stop_strings
         self.ignore_eos = ignore_eos
@@ -125,6 +135,8 @@ class Row:
         if job.params.repetition_penalty != 1.0:
             self.history = job.batch["input_ids"][0][job.batch["attention_mask"][0].bool()].to(device)
         self.ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []  # entries not sent yet
+        self._entry: TokenLogprob | None = None  # of the token `sample` picked last
         self.sent = 0
         self.count = 0
         self.last = 0
@@ -133,7 +145,23 @@ class Row:
         token = sample_row(logits, self.job.params, self.history, self.generator)
         if self.history is not None:
             self.history = torch.cat([self.history, self.history.new_tensor([token])])
+        if self.job.top_logprobs is not None:
+            self._entry = self._logprob_entry(logits, token)
         return token
+
+    def _logprob_entry(self, logits: torch.Tensor, token: int) -> TokenLogprob:
+        """`token`'s logprob under the model's own distribution (before temperature, top-k/p and penalty)
+        and the `top_logprobs` most likely tokens'."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        top = torch.topk(logprobs, self.job.top_logprobs) if self.job.top_logprobs else None
+
+        def item(token_id: int, value: float) -> TokenLogprob:
+            text = self.decode([token_id])
+            return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+        entry = item(token, float(logprobs[token]))
+        entry["top_logprobs"] = [] if top is None else [item(int(i), float(v)) for v, i in zip(top.values, top.indices)]
+        return entry
 
     def accept(self, token: int) -> str | None:
         """Take the next token, emit the text that is now certain; return a finish reason when done."""
@@ -142,6 +170,8 @@ class Row:
         if token in self.stop_ids:
             self._send(self.decode(self.ids))
             return "stop"
+        if self._entry is not None:
+            self.logprobs.append(self._entry)
         self.ids.append(token)
         text = self.decode(self.ids)
         hits = [i for i in (text.find(s) for s in self.job.stop_strings) if i >= 0]
@@ -163,8 +193,15 @@ class Row:
 
     def _send(self, text: str) -> None:
         if len(text) > self.sent:
-            self.job.emit(TextDelta(text[self.sent :]))
+            self.job.emit(TextDelta(text[self.sent :], self.take_logprobs()))
             self.sent = len(text)
+
+    def take_logprobs(self) -> list[TokenLogprob] | None:
+        """The unsent logprob entries (None when the request did not ask for logprobs)."""
+        if self.job.top_logprobs is None:
+            return None
+        taken, self.logprobs = self.logprobs, []
+        return taken
 
 
 class Scheduler:
@@ -312,4 +349,4 @@ class Scheduler:
 
     def _finish(self, row: Row, reason: str) -> None:
         self.metrics.request_seconds.observe(time.monotonic() - row.job.submitted)
-        row.job.emit(Finished(reason, row.job.prompt_tokens, row.count))
+        row.job.emit(Finished(reason, row.job.prompt_tokens, row.count, row.take_logprobs()))

@@ -1,8 +1,8 @@
 """Request bodies of the OpenAI chat completions API (the subset hyperowl serves), as pydantic models.
 
 Unknown fields are ignored, as OpenAI-compatible servers usually do; known OpenAI features that change
-the answer and that hyperowl does not have (logprobs, tools, JSON mode, presence/frequency penalties)
-are refused by name instead (`unsupported_features`). Extensions: a `video_url` content part
+the answer and that hyperowl does not have (tools, JSON mode, presence/frequency penalties) are refused
+by name instead (`unsupported_features`). Extensions: a `video_url` content part
 (`{"url", "max_frames"}`), `top_k` and `repetition_penalty` (as vLLM names them) and `ignore_eos` (keep
 generating past the stop tokens, for benchmarks).
 """
@@ -70,8 +70,8 @@ class ChatCompletionRequest(_Lenient):
     top_k: int | None = Field(default=None, ge=0)
     repetition_penalty: float | None = Field(default=None, gt=0)
     ignore_eos: bool = False
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     tools: list[Any] | None = None
@@ -81,7 +81,6 @@ class ChatCompletionRequest(_Lenient):
     def unsupported_features(self) -> list[str]:
         """Names of the requested OpenAI features hyperowl does not implement (their neutral values pass)."""
         asked = {
-            "logprobs": bool(self.logprobs) or bool(self.top_logprobs),
             "presence_penalty": bool(self.presence_penalty),
             "frequency_penalty": bool(self.frequency_penalty),
             "tools": bool(self.tools) or bool(self.functions),
