@@ -40,7 +40,7 @@ TokenLogprob = dict[str, Any]
 
 @dataclass
 class TextDelta:
-    """New answer text, with the logprob entries of the tokens that completed it (when requested)."""
+    """New answer text, with the logprob entries of the tokens taken since the last event (when requested)."""
 
     text: str
     logprobs: list[TokenLogprob] | None = None
@@ -49,7 +49,7 @@ class TextDelta:
 @dataclass
 class Finished:
     """The answer is complete. `finish_reason`: "stop" (stop token or string) or "length". `logprobs`:
-    entries of answer tokens whose text was never sent (a stop string's, or a held-back end)."""
+    the entries no `TextDelta` carried (tokens whose text was held back and never sent)."""
 
     finish_reason: str
     prompt_tokens: int
