@@ -36,12 +36,14 @@ def resolve_device(device: str | None) -> str:
 
 def load_model_and_processor(args: argparse.Namespace, **processor_overrides):
     """The model and processor named by `add_model_arguments`' flags."""
+    from hyperowl.hub import checkpoint_dir
     from hyperowl.model.owl3 import Owl3ForCausalLM
     from hyperowl.processing.processor import Owl3Processor
 
     path = args.model or DEFAULT_MODEL
     if args.model is None and not (DEFAULT_MODEL / "config.json").is_file():
         raise HyperowlError(f"no --model given and the bundled default model is missing ({DEFAULT_MODEL})")
+    path = checkpoint_dir(path)  # one Hub look-up for both loaders
     model = Owl3ForCausalLM.from_pretrained(path, dtype=args.dtype, device=resolve_device(args.device))
     return model, Owl3Processor.from_pretrained(path, **processor_overrides)
 

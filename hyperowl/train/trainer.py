@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from hyperowl.hub import checkpoint_dir
 from hyperowl.model.owl3 import Owl3ForCausalLM
 from hyperowl.processing.processor import IGNORE_INDEX, Owl3Processor
 from hyperowl.synthetic.tasks import TaskMixture, TaskOptions
@@ -151,8 +152,9 @@ def build(cfg: TrainConfig, resume: Path | None) -> tuple[Owl3ForCausalLM, Owl3P
         model = Owl3ForCausalLM.from_pretrained(resume, dtype=torch.float32)
         processor = Owl3Processor.from_pretrained(resume, **settings)
     elif cfg.init_from is not None:
-        model = Owl3ForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32)
-        processor = Owl3Processor.from_pretrained(cfg.init_from, **settings)
+        source = checkpoint_dir(cfg.init_from)  # one Hub look-up for both loaders
+        model = Owl3ForCausalLM.from_pretrained(source, dtype=torch.float32)
+        processor = Owl3Processor.from_pretrained(source, **settings)
     else:
         model, processor = build_from_scratch(cfg)
     apply_policy(model, cfg)
