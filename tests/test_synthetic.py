@@ -14,7 +14,7 @@ from hyperowl.processing.video import load_video
 from hyperowl.synthetic import TASKS, TaskMixture, TaskOptions, make_sample, write_dataset
 from hyperowl.synthetic.draw import COLOURS
 from hyperowl.synthetic.evaluate import answer_samples
-from hyperowl.synthetic.tasks import CHOICE_TASKS
+from hyperowl.synthetic.tasks import CHOICE_TASKS, REPEAT_WORDS
 from hyperowl.synthetic.video import NATIVE_FPS
 
 
@@ -51,15 +51,25 @@ def test_distractor_answers_name_the_right_picture():
     for i in range(40):
         s = make_sample("distractor", 0, i, opts)
         *listing, question = s.question.split("\n")
-        assert listing == [f"Picture {n}: {IMAGE_TOKEN}" for n in range(1, 17)] and len(s.images) == 16
+        assert listing == [f"{IMAGE_TOKEN} {n}" for n in range(1, 17)] and len(s.images) == 16
         if question.startswith("Which picture shows a "):
             colour, number = question.removeprefix("Which picture shows a ").split()[0], int(s.answer)
         else:
             assert question.startswith("What colour is the shape in picture ")
-            colour, number = s.answer, int(question.rstrip("?").split()[-1])
+            number = int(question.rstrip("?").split()[-1])
+            assert s.answer.startswith(f"Picture {number} ")
+            colour = s.answer.split()[-1]
         assert shows(s.images[number - 1], colour)
         kinds.add(question.split()[0])
     assert kinds == {"Which", "What"}
+
+
+def test_repeat_answers_with_the_words_it_was_given():
+    for i in range(20):
+        s = make_sample("repeat", 0, i)
+        words = s.answer.split()
+        assert s.question == f"Repeat: {s.answer}" and 8 <= len(words) <= 20 and not s.images and not s.videos
+        assert set(words) <= set(REPEAT_WORDS)
 
 
 def test_answers_are_consistent_with_questions():

@@ -47,6 +47,8 @@ def evaluate_tasks(
 ) -> dict[str, float]:
     """Exact-match accuracy per task over samples `0..n-1` of `seed` (the held-out split by default).
 
+    Each batch may generate one token more than its longest right answer (at least 8).
+
     Pictures of single-picture tasks are cut as `cut_enable` says (None: the processor's setting);
     multi-picture tasks and videos are never cut. Returns `{task: accuracy in [0, 1]}`.
     """
@@ -57,7 +59,8 @@ def evaluate_tasks(
         correct = 0
         for start in range(0, n, batch_size):
             samples = [make_sample(task, seed, i, opts) for i in range(start, min(n, start + batch_size))]
-            answers = answer_samples(model, processor, samples, cut)
+            longest = max(len(processor.tokenizer.encode(s.answer)) for s in samples)
+            answers = answer_samples(model, processor, samples, cut, max_new_tokens=max(8, longest + 1))
             correct += sum(a == s.answer for a, s in zip(answers, samples))
         accuracy[task] = correct / n
     return accuracy

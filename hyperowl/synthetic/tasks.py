@@ -1,20 +1,25 @@
 """Seeded synthetic question/answer tasks about pictures and short videos with known answers.
 
 A sample is fully determined by `(task, seed, index)`, so a data set never needs to be stored to be
-reproduced, and training/held-out splits are just different seeds. Answers are one word, a number
-or "colour shape", so accuracy is an exact match.
+reproduced, and training/held-out splits are just different seeds. Answers are short and fixed by
+the sample ("red", "3", "red circle", "Picture 3 red"), so accuracy is an exact match.
 
 Tasks (chance level in brackets):
   single      one shape; its colour [1/6], its shape [1/4] or both ("red circle") [1/24]
   digit       one digit 0-9 [1/10]
   count       a scene of 1-3 small shapes; how many [1/3]
   compare     two pictures; same colour / same shape? yes or no [1/2]
-  distractor  K pictures of distinct shapes ("Picture i: <|image|>"); which picture shows X [1/K],
-              or what colour is the shape in picture i [1/6]
+  distractor  K pictures of distinct shapes, each followed by its number ("<|image|> 3"); which picture
+              shows X [1/K], answered with the number, or what colour is the shape in picture i [1/6],
+              answered "Picture i <colour>" (naming the picture first puts its number right before the
+              colour, where a model can look it up)
   video       3-5 shapes shown one after another at known times; what appeared first / last /
               after X [1/number of shapes]
   sequence    K pictures, one per user turn ("Picture i: <|image|>"), each named by the assistant as
               it arrives; scored on the last turn [1/24]. It teaches reading the newest picture.
+  repeat      text only: "Repeat: w1 ... wn" -> "w1 ... wn" (8-20 words). It teaches copying what
+              followed an earlier occurrence of a token (induction heads), the recall that the
+              picture look-ups build on.
 
 With `TaskOptions.choice_probability`, questions of the tasks in `CHOICE_TASKS` are asked as lettered
 multiple-choice prompts instead (the layout `hyperowl eval` uses), answered with the option's letter.
@@ -137,12 +142,29 @@ def make_distractor(rng: random.Random, opts: TaskOptions) -> Sample:
     combos = rng.sample(COMBOS, k)
     images = [shape_picture(rng, opts.image_size, *combo)[0] for combo in combos]
     target = rng.randrange(k)
-    listing = "".join(f"Picture {i + 1}: {IMAGE_TOKEN}\n" for i in range(k))
+    listing = "".join(f"{IMAGE_TOKEN} {i + 1}\n" for i in range(k))
+    colour, shape = combos[target]
     if rng.random() < 0.5:
-        question, answer = f"Which picture shows a {combos[target][0]} {combos[target][1]}?", str(target + 1)
+        question, answer = f"Which picture shows a {colour} {shape}?", str(target + 1)
     else:
-        question, answer = f"What colour is the shape in picture {target + 1}?", combos[target][0]
+        question, answer = f"What colour is the shape in picture {target + 1}?", f"Picture {target + 1} {colour}"
     return Sample("distractor", _qa(listing + question, answer), images, answer=answer)
+
+
+#: Words of the `repeat` task: numbers, colours, shapes, letters and the other words of the questions.
+REPEAT_WORDS: tuple[str, ...] = (
+    *(str(i) for i in range(1, 100)),
+    *COLOURS,
+    *SHAPES,
+    *(chr(c) for c in range(ord("A"), ord("Z") + 1)),
+    *("picture", "video", "shape", "colour", "first", "last", "after", "before", "yes"),
+    *("no", "what", "which", "show", "is", "the", "a", "in", "of"),
+)
+
+
+def make_repeat(rng: random.Random, opts: TaskOptions) -> Sample:
+    words = " ".join(rng.choice(REPEAT_WORDS) for _ in range(rng.randint(8, 20)))
+    return Sample("repeat", _qa(f"Repeat: {words}", words), answer=words)
 
 
 def make_sequence(rng: random.Random, opts: TaskOptions) -> Sample:
@@ -230,6 +252,7 @@ TASKS: dict[str, Callable[[random.Random, TaskOptions], Sample]] = {
     "distractor": make_distractor,
     "video": make_video,
     "sequence": make_sequence,
+    "repeat": make_repeat,
 }
 
 
@@ -275,4 +298,3 @@ def corpus(seed: int = 0, n: int = 2000, opts: TaskOptions | None = None) -> lis
             sample = make_sample(task, seed, i, opts)
             texts.append(render_chat(sample.messages))
     return texts
-
