@@ -154,3 +154,9 @@ def test_default_model_answers_a_synthetic_question():
     opts = TaskOptions(image_size=model.config.vision_config.image_size)
     sample = make_sample("single", 12345, 0, opts)
     assert answer_samples(model, processor, [sample], cut_enable=False) == [sample.answer]
+    # the label look-up among 16 pictures: "What colour is the shape in picture i?" -> "Picture i <colour>"
+    opts = TaskOptions(image_size=opts.image_size, distractors=(16, 16))
+    samples = [make_sample("distractor", 12345, i, opts) for i in range(12)]
+    samples = [s for s in samples if "What colour is the shape in picture" in s.question][:4]
+    assert len(samples) == 4 and len({s.answer for s in samples}) == 4
+    assert answer_samples(model, processor, samples) == [s.answer for s in samples]
