@@ -75,6 +75,19 @@ def test_baseline_generate_equals_a_full_recompute_greedy_loop(baseline):
         assert result.sequences[b, : len(expected)].tolist() == expected
 
 
+def test_baseline_answers_text_only_prompts(baseline):
+    """A batch without pictures (e.g. the synthetic repeat task) equals the LLM's own greedy answer."""
+    out, _ = baseline
+    model, processor = LlavaBaseline(out), Owl3Processor.from_pretrained(out)
+    batch = processor([[{"role": "user", "content": "Repeat: red circle"}]])
+    assert batch["pixel_values"] is None
+    result = model.generate(**batch, max_new_tokens=3, stop_token_ids=processor.stop_token_ids)
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        first = int(model.model(input_ids=ids).logits[0, -1].argmax())
+    assert result.sequences[0, 0].item() == first
+
+
 def test_eval_cli_scores_the_baseline(baseline, tmp_path):
     from hyperowl.cli import main
 

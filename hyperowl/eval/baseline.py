@@ -108,10 +108,11 @@ class LlavaBaseline:
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         ids, mask, _ = expand_image_tokens(input_ids, mask, None, self.image_token_id, self.tokens_per_image, self.pad_token_id)
         stops = list(stop_token_ids or [])
+        pictures = {} if pixel_values is None else {"pixel_values": pixel_values.to(self.device, self.dtype)}
         out = self.model.generate(
             input_ids=ids,
             attention_mask=mask,
-            pixel_values=None if pixel_values is None else pixel_values.to(self.device, self.dtype),
+            **pictures,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=stops or None,
