@@ -19,9 +19,15 @@ def answer_samples(
     processor: Owl3Processor,
     samples: list[Sample],
     cut_enable: bool = False,
-    max_new_tokens: int = 8,
+    max_new_tokens: int | None = None,
 ) -> list[str]:
-    """Greedy answers (stripped text before the stop token) to the questions of `samples`, one batch."""
+    """Greedy answers (stripped text before the stop token) to the questions of `samples`, one batch.
+
+    `max_new_tokens` defaults to one token more than the longest right answer (at least 8).
+    """
+    if max_new_tokens is None:
+        longest = max(len(processor.tokenizer.encode(s.answer)) for s in samples)
+        max_new_tokens = max(8, longest + 1)
     conversations = [sample.messages[:-1] for sample in samples]
     videos = [[v.clip(processor.video_fps, processor.max_frames) for v in sample.videos] for sample in samples]
     batch = processor(conversations, images=[s.images for s in samples], videos=videos, cut_enable=cut_enable)
@@ -47,7 +53,7 @@ def evaluate_tasks(
 ) -> dict[str, float]:
     """Exact-match accuracy per task over samples `0..n-1` of `seed` (the held-out split by default).
 
-    Each batch may generate one token more than its longest right answer (at least 8).
+    Each batch may generate one token more than its longest right answer (at least 8; `answer_samples`).
 
     Pictures of single-picture tasks are cut as `cut_enable` says (None: the processor's setting);
     multi-picture tasks and videos are never cut. Returns `{task: accuracy in [0, 1]}`.
@@ -59,8 +65,7 @@ def evaluate_tasks(
         correct = 0
         for start in range(0, n, batch_size):
             samples = [make_sample(task, seed, i, opts) for i in range(start, min(n, start + batch_size))]
-            longest = max(len(processor.tokenizer.encode(s.answer)) for s in samples)
-            answers = answer_samples(model, processor, samples, cut, max_new_tokens=max(8, longest + 1))
+            answers = answer_samples(model, processor, samples, cut)
             correct += sum(a == s.answer for a, s in zip(answers, samples))
         accuracy[task] = correct / n
     return accuracy
