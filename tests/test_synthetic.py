@@ -53,7 +53,12 @@ def test_distractor_answers_name_the_right_picture():
         *listing, question = s.question.split("\n")
         assert listing == [f"{IMAGE_TOKEN} {n}" for n in range(1, 17)] and len(s.images) == 16
         if question.startswith("Which picture shows a "):
-            colour, number = question.removeprefix("Which picture shows a ").split()[0], int(s.answer)
+            colour, shape = question.removeprefix("Which picture shows a ").rstrip("?").split()
+            walk = s.answer.removeprefix("Picture ").split()
+            number = int(walk[-3])
+            assert walk[-2:] == [colour, shape] and walk[::3] == [str(n) for n in range(1, number + 1)]
+            for n, named in zip(walk[::3], walk[1::3]):
+                assert shows(s.images[int(n) - 1], named)
         else:
             assert question.startswith("What colour is the shape in picture ")
             number = int(question.rstrip("?").split()[-1])
@@ -70,6 +75,18 @@ def test_repeat_answers_with_the_words_it_was_given():
         words = s.answer.split()
         assert s.question == f"Repeat: {s.answer}" and 8 <= len(words) <= 20 and not s.images and not s.videos
         assert set(words) <= set(REPEAT_WORDS)
+
+
+def test_lookup_walks_the_listed_pictures_until_the_asked_one():
+    for i in range(20):
+        s = make_sample("lookup", 0, i, TaskOptions(distractors=(2, 16)))
+        *listing, question = s.question.split("\n")
+        asked = question.removeprefix("Which picture shows a ").rstrip("?")
+        walk = s.answer.removeprefix("Picture ").split()
+        named = [" ".join(walk[j : j + 3]) for j in range(0, len(walk), 3)]
+        assert not s.images and not s.videos and 2 <= len(listing) <= 16
+        assert named == listing[: len(named)] and named[-1].split(" ", 1)[1] == asked
+        assert [line.split(" ", 1)[1] for line in listing].count(asked) == 1
 
 
 def test_answers_are_consistent_with_questions():
@@ -154,9 +171,9 @@ def test_default_model_answers_a_synthetic_question():
     opts = TaskOptions(image_size=model.config.vision_config.image_size)
     sample = make_sample("single", 12345, 0, opts)
     assert answer_samples(model, processor, [sample], cut_enable=False) == [sample.answer]
-    # the label look-up among 16 pictures: "What colour is the shape in picture i?" -> "Picture i <colour>"
+    # one picture among 16: "What colour is the shape in picture i?" -> "Picture i <colour>", and
+    # "Which picture shows X?" -> the pictures named in order until X (up to 37 words here)
     opts = TaskOptions(image_size=opts.image_size, distractors=(16, 16))
-    samples = [make_sample("distractor", 12345, i, opts) for i in range(12)]
-    samples = [s for s in samples if "What colour is the shape in picture" in s.question][:4]
-    assert len(samples) == 4 and len({s.answer for s in samples}) == 4
+    samples = [make_sample("distractor", 12345, i, opts) for i in range(9)]
+    assert sum("Which picture" in s.question for s in samples) == 4
     assert answer_samples(model, processor, samples) == [s.answer for s in samples]

@@ -1,18 +1,20 @@
 """Seeded synthetic question/answer tasks about pictures and short videos with known answers.
 
 A sample is fully determined by `(task, seed, index)`, so a data set never needs to be stored to be
-reproduced, and training/held-out splits are just different seeds. Answers are short and fixed by
-the sample ("red", "3", "red circle", "Picture 3 red"), so accuracy is an exact match.
+reproduced, and training/held-out splits are just different seeds. Answers are fixed by the sample
+("red", "3", "red circle", "Picture 3 red"), so accuracy is an exact match.
 
 Tasks (chance level in brackets):
   single      one shape; its colour [1/6], its shape [1/4] or both ("red circle") [1/24]
   digit       one digit 0-9 [1/10]
   count       a scene of 1-3 small shapes; how many [1/3]
   compare     two pictures; same colour / same shape? yes or no [1/2]
-  distractor  K pictures of distinct shapes, each followed by its number ("<|image|> 3"); which picture
-              shows X [1/K], answered with the number, or what colour is the shape in picture i [1/6],
-              answered "Picture i <colour>" (naming the picture first puts its number right before the
-              colour, where a model can look it up)
+  distractor  K pictures of distinct shapes, each followed by its number ("<|image|> 3"); what colour is
+              the shape in picture i [1/6], answered "Picture i <colour>" (naming the picture first puts
+              its number right before the colour, where a model can look it up), or which picture shows
+              X [1/K], answered by naming the pictures in order until X ("Picture 1 red circle 2 blue
+              cross"; the last number is the answer): each step is the same look-up, and stopping is a
+              match of words against the question's words
   video       3-5 shapes shown one after another at known times; what appeared first / last /
               after X [1/number of shapes]
   sequence    K pictures, one per user turn ("Picture i: <|image|>"), each named by the assistant as
@@ -20,6 +22,9 @@ Tasks (chance level in brackets):
   repeat      text only: "Repeat: w1 ... wn" -> "w1 ... wn" (8-20 words). It teaches copying what
               followed an earlier occurrence of a token (induction heads), the recall that the
               picture look-ups build on.
+  lookup      text only: K pictures described in a numbered list ("3 blue cross"), then "which picture
+              shows X", answered with the distractor task's walk. It teaches the walk's counting and
+              stopping without pictures.
 
 With `TaskOptions.choice_probability`, questions of the tasks in `CHOICE_TASKS` are asked as lettered
 multiple-choice prompts instead (the layout `hyperowl eval` uses), answered with the option's letter.
@@ -135,6 +140,11 @@ def make_compare(rng: random.Random, opts: TaskOptions) -> Sample:
     return Sample("compare", _qa(prompt, answer), images, answer=answer)
 
 
+def _walk_until(combos: Sequence[tuple[str, str]], target: int) -> str:
+    """The answer to "which picture shows `combos[target]`": the pictures named in order up to it."""
+    return "Picture " + " ".join(f"{i + 1} {c} {s}" for i, (c, s) in enumerate(combos[: target + 1]))
+
+
 def make_distractor(rng: random.Random, opts: TaskOptions) -> Sample:
     k = rng.randint(*opts.distractors)
     if not 1 <= k <= len(COMBOS):
@@ -145,10 +155,20 @@ def make_distractor(rng: random.Random, opts: TaskOptions) -> Sample:
     listing = "".join(f"{IMAGE_TOKEN} {i + 1}\n" for i in range(k))
     colour, shape = combos[target]
     if rng.random() < 0.5:
-        question, answer = f"Which picture shows a {colour} {shape}?", str(target + 1)
+        question, answer = f"Which picture shows a {colour} {shape}?", _walk_until(combos, target)
     else:
         question, answer = f"What colour is the shape in picture {target + 1}?", f"Picture {target + 1} {colour}"
     return Sample("distractor", _qa(listing + question, answer), images, answer=answer)
+
+
+def make_lookup(rng: random.Random, opts: TaskOptions) -> Sample:
+    k = rng.randint(*opts.distractors)
+    combos = rng.sample(COMBOS, k)
+    target = rng.randrange(k)
+    listing = "".join(f"{i + 1} {c} {s}\n" for i, (c, s) in enumerate(combos))
+    colour, shape = combos[target]
+    answer = _walk_until(combos, target)
+    return Sample("lookup", _qa(f"{listing}Which picture shows a {colour} {shape}?", answer), answer=answer)
 
 
 #: Words of the `repeat` task: numbers, colours, shapes, letters and the other words of the questions.
@@ -253,6 +273,7 @@ TASKS: dict[str, Callable[[random.Random, TaskOptions], Sample]] = {
     "video": make_video,
     "sequence": make_sequence,
     "repeat": make_repeat,
+    "lookup": make_lookup,
 }
 
 
