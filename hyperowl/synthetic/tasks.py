@@ -145,11 +145,17 @@ def _walk_until(combos: Sequence[tuple[str, str]], target: int) -> str:
     return "Picture " + " ".join(f"{i + 1} {c} {s}" for i, (c, s) in enumerate(combos[: target + 1]))
 
 
-def make_distractor(rng: random.Random, opts: TaskOptions) -> Sample:
+def _distinct_combos(rng: random.Random, opts: TaskOptions) -> list[tuple[str, str]]:
+    """`opts.distractors` (min, max) distinct (colour, shape) pairs, in random order."""
     k = rng.randint(*opts.distractors)
     if not 1 <= k <= len(COMBOS):
         raise ValueError(f"distractor pictures must be 1..{len(COMBOS)}, got {k}")
-    combos = rng.sample(COMBOS, k)
+    return rng.sample(COMBOS, k)
+
+
+def make_distractor(rng: random.Random, opts: TaskOptions) -> Sample:
+    combos = _distinct_combos(rng, opts)
+    k = len(combos)
     images = [shape_picture(rng, opts.image_size, *combo)[0] for combo in combos]
     target = rng.randrange(k)
     listing = "".join(f"{IMAGE_TOKEN} {i + 1}\n" for i in range(k))
@@ -162,9 +168,8 @@ def make_distractor(rng: random.Random, opts: TaskOptions) -> Sample:
 
 
 def make_lookup(rng: random.Random, opts: TaskOptions) -> Sample:
-    k = rng.randint(*opts.distractors)
-    combos = rng.sample(COMBOS, k)
-    target = rng.randrange(k)
+    combos = _distinct_combos(rng, opts)
+    target = rng.randrange(len(combos))
     listing = "".join(f"{i + 1} {c} {s}\n" for i, (c, s) in enumerate(combos))
     colour, shape = combos[target]
     answer = _walk_until(combos, target)
