@@ -23,6 +23,12 @@ def shows(image, colour):
     return bool((np.asarray(image) == COLOURS[colour]).all(-1).any())
 
 
+def walked(answer):
+    """A "which picture" answer (`Picture 1 red circle 2 blue cross`) as [(1, "red", "circle"), ...]."""
+    words = answer.removeprefix("Picture ").split()
+    return [(int(words[j]), words[j + 1], words[j + 2]) for j in range(0, len(words), 3)]
+
+
 def pixels(sample):
     return [np.asarray(image) for image in sample.images] + [
         np.asarray(frame) for video in sample.videos for frame in video.clip().frames
@@ -54,11 +60,11 @@ def test_distractor_answers_name_the_right_picture():
         assert listing == [f"{IMAGE_TOKEN} {n}" for n in range(1, 17)] and len(s.images) == 16
         if question.startswith("Which picture shows a "):
             colour, shape = question.removeprefix("Which picture shows a ").rstrip("?").split()
-            walk = s.answer.removeprefix("Picture ").split()
-            number = int(walk[-3])
-            assert walk[-2:] == [colour, shape] and walk[::3] == [str(n) for n in range(1, number + 1)]
-            for n, named in zip(walk[::3], walk[1::3]):
-                assert shows(s.images[int(n) - 1], named)
+            walk = walked(s.answer)
+            number = len(walk)
+            assert walk[-1] == (number, colour, shape) and [n for n, _, _ in walk] == list(range(1, number + 1))
+            for n, named, _ in walk:
+                assert shows(s.images[n - 1], named)
         else:
             assert question.startswith("What colour is the shape in picture ")
             number = int(question.rstrip("?").split()[-1])
@@ -82,8 +88,7 @@ def test_lookup_walks_the_listed_pictures_until_the_asked_one():
         s = make_sample("lookup", 0, i, TaskOptions(distractors=(2, 16)))
         *listing, question = s.question.split("\n")
         asked = question.removeprefix("Which picture shows a ").rstrip("?")
-        walk = s.answer.removeprefix("Picture ").split()
-        named = [" ".join(walk[j : j + 3]) for j in range(0, len(walk), 3)]
+        named = [f"{n} {colour} {shape}" for n, colour, shape in walked(s.answer)]
         assert not s.images and not s.videos and 2 <= len(listing) <= 16
         assert named == listing[: len(named)] and named[-1].split(" ", 1)[1] == asked
         assert [line.split(" ", 1)[1] for line in listing].count(asked) == 1
