@@ -140,6 +140,38 @@ def test_hyper_attention_matches_plain_spec_reference(fused):
     assert (ours[6:] - text_only[6:]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rms_norm_of_16_bit_input_is_qwen2s_fp32_formula(dtype):
+    from hyperowl.model.decoder import RMSNorm
+
+    norm = RMSNorm(96, eps=1e-6).to(dtype)
+    norm.weight.data.uniform_(0.5, 1.5)
+    x = (torch.randn(5, 96) * 3).to(dtype)
+    qwen2 = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert torch.equal(norm(x), norm.weight * qwen2.to(dtype))
+
+
+@pytest.mark.parametrize("queries", [1, 3, 9])
+@pytest.mark.parametrize("keys", [5, 4096 + 37])
+def test_attention_paths_equal_dense_softmax(queries, keys):
+    """Every path of `attention` (matrix products for a few queries, the fused kernel with native or
+    folded GQA otherwise; keys sliced when over SPLIT_KEYS) equals a dense GQA softmax under a mask."""
+    from hyperowl.model.decoder import FEW_QUERIES, SPLIT_KEYS, attention
+
+    assert 3 <= FEW_QUERIES < 9 and 5 < SPLIT_KEYS < 4096 + 37  # the cases cover both paths
+    g, groups, d = 2, 3, 8
+    q = torch.randn(2, g * groups, queries, d, dtype=torch.float64)
+    k, v = torch.randn(2, g, keys, d, dtype=torch.float64), torch.randn(2, g, keys, d, dtype=torch.float64)
+    mask = torch.rand(2, 1, queries, keys) < 0.7
+    mask[..., 0] = True
+    scores = q @ k.repeat_interleave(groups, 1).transpose(-1, -2) / math.sqrt(d)
+    dense = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ v.repeat_interleave(groups, 1)
+    full = torch.softmax(scores, -1) @ v.repeat_interleave(groups, 1)
+    for fold in (False, True):
+        torch.testing.assert_close(attention(q, k, v, mask, fold=fold), dense)
+        torch.testing.assert_close(attention(q, k, v, None, fold=fold), full)
+
+
 def test_batch_with_left_padding_equals_single_rows():
     model = random_model()
     v = model.config.vision_config

@@ -23,25 +23,25 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        """Qwen2's order: normalised in fp32 and cast back (what `rms_norm` does for 16-bit input, in a
+        fused kernel where PyTorch has one), then scaled."""
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """`positions` `[B, L]` -> cos, sin `[B, 1, L, d]` (computed in fp32, then cast, as Qwen2 does)."""
+    """`positions` `[B, L]` -> cos and signed sin `[B, 1, L, d]` for `apply_rotary` (computed in fp32,
+    then cast, as Qwen2 does). The sin's first half is negated: rotate-half becomes a swap of halves."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     freqs = positions.float()[..., None] * inv_freq
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat([cos, cos], dim=-1)[:, None].to(dtype), torch.cat([-sin, sin], dim=-1)[:, None].to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on `x` `[B, heads, L, d]`."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on `x` `[B, heads, L, d]`: `x cos + rotate_half(x) sin`, where
+    `rotate_half(x) sin` = (x with its halves swapped) x `signed_sin` (three kernels)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    return torch.addcmul(x * cos, torch.cat([x[..., half:], x[..., :half]], dim=-1), signed_sin)
 
 
 @dataclass
@@ -126,27 +126,52 @@ SPLIT_KEYS = 4096
 def few_query_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """Softmax attention of a few queries `q` `[B, g, L, d]` over many keys `k`, `v` `[B, g, N, d]`
-    (`mask` `[B, 1, L, N]`, True = may attend), as two matrix products with an fp32 softmax.
+    """Softmax attention of a few query heads `q` `[B, h, L, d]` over many keys `k`, `v` `[B, g, N, d]`
+    (`mask` `[B, 1, L, N]`, True = may attend) as two matrix products with an fp32 softmax -> `[B, h, L, d]`.
 
+    The query heads of one kv head are folded into extra queries of it (GQA without expanding K/V).
     Decoding against ~1e5-1e6 visual keys: fused attention kernels parallelise over query blocks and
-    heads only (a handful of blocks here) and crawl; the products use the whole GPU. The score
-    matrix `[B, g, L, N]` is small because L is.
+    heads only (a handful of blocks here) and crawl, and one may plan itself anew for every key
+    length; the products use the whole GPU at a few cheap launches. The scores `[B, g, h/g x L, N]`
+    are small because L is.
     """
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+    b, h, length, d = q.shape
+    g, n = k.shape[1], k.shape[2]
+    groups = h // g
+    scores = torch.matmul(fold_groups(q, groups), k.transpose(-1, -2)).float() * d**-0.5
+    if mask is not None:  # scores seen as [B, g, groups, L, N] against the mask [B, 1, 1, L, N]
+        scores = torch.where(mask[:, :, None], scores.view(b, g, groups, length, n), float("-inf")).view(scores.shape)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     # split the long key axis into slices summed in fp32: a product with a ~1e6-long inner axis and
     # a tiny output would otherwise run on a few GPU blocks
-    b, g, length, n = probs.shape
     main = n - n % SPLIT_KEYS
+    if not main:
+        return unfold_groups(torch.matmul(probs, v), groups)
+    rows = groups * length
     out = torch.matmul(probs[..., main:], v[:, :, main:]).float()
-    if main:
-        sliced = probs[..., :main].reshape(b, g, length, main // SPLIT_KEYS, SPLIT_KEYS).transpose(2, 3)
-        parts = torch.matmul(sliced, v[:, :, :main].reshape(b, g, main // SPLIT_KEYS, SPLIT_KEYS, v.shape[-1]))
-        out = out + parts.float().sum(2)
-    return out.to(v.dtype)
+    sliced = probs[..., :main].reshape(b, g, rows, main // SPLIT_KEYS, SPLIT_KEYS).transpose(2, 3)
+    parts = torch.matmul(sliced, v[:, :, :main].reshape(b, g, main // SPLIT_KEYS, SPLIT_KEYS, d))
+    return unfold_groups((out + parts.float().sum(2)).to(v.dtype), groups)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, fold: bool = False
+) -> torch.Tensor:
+    """Softmax attention of the query heads `q` `[B, h, L, d]` over `k`, `v` `[B, g, N, d]` (GQA, h = g x
+    groups) under `mask` `[B, 1, L, N]` (True = may attend; None = all) -> `[B, h, L, d]`.
+
+    Up to `FEW_QUERIES` queries (decoding) take `few_query_attention`. More queries take the fused
+    kernel with native GQA or, with `fold` (long visual K/V), with the query heads of one kv head
+    folded into extra queries of it, so the memory-efficient kernel runs without expanding K/V.
+    """
+    if q.shape[2] <= FEW_QUERIES:
+        return few_query_attention(q, k, v, mask)
+    if not fold:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    groups = q.shape[1] // k.shape[1]
+    if mask is not None and groups > 1:
+        mask = mask.repeat(1, 1, groups, 1)
+    return unfold_groups(F.scaled_dot_product_attention(fold_groups(q, groups), k, v, attn_mask=mask), groups)
 
 
 class Qwen2Attention(nn.Module):
@@ -196,7 +221,6 @@ class Qwen2Attention(nn.Module):
         """
         plan, visual = ctx.cross, ctx.visual
         p = visual.tokens_per_image
-        groups = self.num_heads // self.num_kv_heads
         widest = max(block.num_images for block in plan.blocks) * p
         vis_k, vis_v = visual.layer(self.hyper_index, widest, q.device, q.dtype)
         token_image = torch.arange(widest, device=q.device) // p
@@ -213,20 +237,12 @@ class Qwen2Attention(nn.Module):
                 # a row that sees no image gets an all-True mask (no NaN); the caller discards its result
                 mask = None if block.full else ((token_image[:n] < counts) | (counts == 0))[:, None]
             elif n == 0:  # no image visible yet: plain text attention
-                self_mask = ctx.self_mask[:, :, block.t0 : block.t1]
-                parts.append(F.scaled_dot_product_attention(qb, text_k, text_v, attn_mask=self_mask, enable_gqa=True))
+                parts.append(attention(qb, text_k, text_v, ctx.self_mask[:, :, block.t0 : block.t1]))
                 continue
             else:
                 keys, values = torch.cat([vis_k[:, :, :n], text_k], 2), torch.cat([vis_v[:, :, :n], text_v], 2)
                 mask = torch.cat([(token_image[:n] < counts)[:, None], ctx.self_mask[:, :, block.t0 : block.t1]], -1)
-            if mask is not None:
-                mask = mask.repeat(1, 1, groups, 1)
-            folded = fold_groups(qb, groups)
-            if qb.shape[2] <= FEW_QUERIES:
-                out = few_query_attention(folded, keys, values, mask)
-            else:
-                out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask)
-            parts.append(unfold_groups(out, groups))
+            parts.append(attention(qb, keys, values, mask, fold=True))
         return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
@@ -239,11 +255,11 @@ class Qwen2Attention(nn.Module):
         if ctx.cache is not None:
             k, v = ctx.cache.write(self.layer_idx, k, v)
         if self.hyper_index is None or ctx.cross is None:
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.self_mask, enable_gqa=True)
+            context = attention(q, k, v, ctx.self_mask)
         elif self.fused:
             context = self.image_attention(q, ctx, k, v)
         else:
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.self_mask, enable_gqa=True)
+            context = attention(q, k, v, ctx.self_mask)
             vis_context = self.image_attention(q, ctx)
             gate = self.gate_proj(context)
             mixed = context * (1 - gate) + vis_context * gate
