@@ -92,8 +92,8 @@ class CrossPlan:
 class StepContext:
     """What every layer of one forward needs besides its input.
 
-    `self_mask` `[B, 1, T, K]` (True = may attend); `cross` says which images each token sees and is
-    None when the step has no images.
+    `cos`, `sin`: the rotary tables of `rotary_cos_sin` (sin signed); `self_mask` `[B, 1, T, K]`
+    (True = may attend); `cross` says which images each token sees and is None when the step has no images.
     """
 
     cos: torch.Tensor
