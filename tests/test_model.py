@@ -160,13 +160,15 @@ def test_attention_paths_equal_dense_softmax(queries, keys):
 
     assert 3 <= FEW_QUERIES < 9 and 5 < SPLIT_KEYS < 4096 + 37  # the cases cover both paths
     g, groups, d = 2, 3, 8
-    q = torch.randn(2, g * groups, queries, d, dtype=torch.float64)
-    k, v = torch.randn(2, g, keys, d, dtype=torch.float64), torch.randn(2, g, keys, d, dtype=torch.float64)
-    mask = torch.rand(2, 1, queries, keys) < 0.7
+    gen = torch.Generator().manual_seed(queries * 10_000 + keys)
+    q = torch.randn(2, g * groups, queries, d, generator=gen)
+    k, v = torch.randn(2, g, keys, d, generator=gen), torch.randn(2, g, keys, d, generator=gen)
+    mask = torch.rand(2, 1, queries, keys, generator=gen) < 0.7
     mask[..., 0] = True
-    scores = q @ k.repeat_interleave(groups, 1).transpose(-1, -2) / math.sqrt(d)
-    dense = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ v.repeat_interleave(groups, 1)
-    full = torch.softmax(scores, -1) @ v.repeat_interleave(groups, 1)
+    scores = q.double() @ k.double().repeat_interleave(groups, 1).transpose(-1, -2) / math.sqrt(d)
+    values = v.double().repeat_interleave(groups, 1)
+    dense = (torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ values).float()
+    full = (torch.softmax(scores, -1) @ values).float()
     for fold in (False, True):
         torch.testing.assert_close(attention(q, k, v, mask, fold=fold), dense)
         torch.testing.assert_close(attention(q, k, v, None, fold=fold), full)
