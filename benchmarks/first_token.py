@@ -24,8 +24,8 @@ import torch
 
 from benchmarks.common import (
     PRESETS_BENCH,
-    TEXT_BEFORE,
     Preset,
+    decode_start,
     llava_baseline,
     llava_ids,
     machine,
@@ -73,21 +73,12 @@ def llava_first_token(llava: Any, n: int, frames: torch.Tensor, tokens_per_image
 def decode_speed(model: Owl3ForCausalLM, n: int, tokens: int, recompute: bool) -> float:
     """Greedy decode tokens/s after a prefill with `n` frames; `recompute` rebuilds the visual K/V
     from the kept image features before every token (the official behaviour) instead of reusing them."""
-    device = model.device
-    batch = owl3_batch(n, device)
-    frames = random_frames(n, model.config.vision_config.image_size, model.dtype, device)
-    cache = model.new_cache(1, batch["input_ids"].shape[1] + tokens + 1)
-    out = model(**batch, pixel_values=frames, cache=cache, logits_to_keep=1)
-    visual, token = out.visual, out.logits[:, -1].argmax(-1)
-    features = model.encode_images(frames, model.visual_options.chunk_size) if recompute else None
-    positions = [torch.arange(n, device=device) + TEXT_BEFORE + 1]  # MI-Rope: just after each <|image|>
-    synchronize(device)
+    state = decode_start(model, n, tokens)
+    synchronize(model.device)
     start = time.perf_counter()
     for _ in range(tokens):
-        if features is not None:
-            visual = model.build_visual_kv(features, [range(n)], positions)
-        token = model(token[:, None], cache=cache, visual=visual, logits_to_keep=1).logits[:, -1].argmax(-1)
-    synchronize(device)
+        state.step(model, rebuild=recompute)
+    synchronize(model.device)
     return tokens / (time.perf_counter() - start)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device run: CUDA correctness check, 7b first-token + decode benchmark, 2-hour movie benchmark.
+# One device run: CUDA correctness check, 7b first-token + decode benchmark, decode-step profile, 2-hour movie benchmark.
 # Usage (device machine, repo root; .whl carries the PyAV wheel): bash benchmarks/gpu.sh [OUT_DIR]
 # Dry run on a CPU machine: DRY=1 bash benchmarks/gpu.sh /tmp/out   (tiny presets, no CUDA)
 set -uo pipefail
@@ -12,11 +12,12 @@ if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import av" 2>/dev/null; then
 fi
 py=${PYTHON:-python3}
 if [ "${DRY:-0}" = 1 ]; then
-  preset=tiny; movie_args="--seconds 600 --frames 50 --video /tmp/hyperowl_dry.mp4"
+  preset=tiny; movie_args="--seconds 600 --frames 50 --video /tmp/hyperowl_dry.mp4"; profile_frames=8
 else
-  preset=7b; movie_args=""
+  preset=7b; movie_args=""; profile_frames=400
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
   timeout 45 $py -m benchmarks.cuda_check 2>&1 | tee "$out/cuda_check.txt"
 fi
 timeout 170 $py -m benchmarks.first_token --preset $preset --out "$out" 2>&1 | tee "$out/first_token_$preset.log"
+timeout 60 $py -m benchmarks.decode_profile --preset $preset --frames $profile_frames --out "$out" 2>&1 | tee "$out/decode_profile_$preset.log"
 timeout 70 $py -m benchmarks.movie --preset $preset --out "$out" $movie_args 2>&1 | tee "$out/movie_$preset.log"
