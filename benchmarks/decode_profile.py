@@ -73,8 +73,8 @@ def device_profile(model: Owl3ForCausalLM, state: DecodeStart, rebuild: bool) ->
     }
 
 
+@torch.no_grad()
 def run(preset_name: str, device: torch.device, frames: int, steps: int) -> dict[str, Any]:
-    torch.set_grad_enabled(False)
     preset = PRESETS_BENCH[preset_name]
     model = random_owl3(preset.config, preset.dtype, device)
     model.visual_options.chunk_size = preset.chunk_size
