@@ -182,31 +182,34 @@ def random_frames(n: int, size: int, dtype: torch.dtype, device: torch.device) -
 class DecodeStart:
     """State after the prefill of a prompt with `n` random frames, ready to decode token by token.
 
-    `features` `[n, P, H]` and `positions` (MI-Rope, one row) rebuild the visual K/V the way the
-    official code does before every token."""
+    `features` `[n, P, H]` (None unless asked for) and `positions` (MI-Rope, one row) rebuild the
+    visual K/V the way the official code does before every token."""
 
     cache: TextKVCache
     visual: VisualKV
     token: torch.Tensor
-    features: torch.Tensor
+    features: torch.Tensor | None
     positions: list[torch.Tensor]
 
     def step(self, model: Owl3ForCausalLM, rebuild: bool = False) -> None:
         """One greedy decode step (with `rebuild`, the visual K/V are rebuilt from `features` first)."""
         if rebuild:
+            if self.features is None:
+                raise ValueError("rebuilding the visual K/V needs decode_start(..., keep_features=True)")
             self.visual = model.build_visual_kv(self.features, [range(self.features.shape[0])], self.positions)
         logits = model(self.token[:, None], cache=self.cache, visual=self.visual, logits_to_keep=1).logits
         self.token = logits[:, -1].argmax(-1)
 
 
-def decode_start(model: Owl3ForCausalLM, n: int, tokens: int) -> DecodeStart:
-    """Prefill `owl3_batch(n)` with random frames into a cache with room for `tokens` more tokens."""
+def decode_start(model: Owl3ForCausalLM, n: int, tokens: int, keep_features: bool) -> DecodeStart:
+    """Prefill `owl3_batch(n)` with random frames into a cache with room for `tokens` more tokens;
+    `keep_features` also encodes the frames once more for `DecodeStart.step(rebuild=True)`."""
     device = model.device
     batch = owl3_batch(n, device)
     frames = random_frames(n, model.config.vision_config.image_size, model.dtype, device)
     cache = model.new_cache(1, batch["input_ids"].shape[1] + tokens + 1)
     out = model(**batch, pixel_values=frames, cache=cache, logits_to_keep=1)
-    features = model.encode_images(frames, model.visual_options.chunk_size)
+    features = model.encode_images(frames, model.visual_options.chunk_size) if keep_features else None
     positions = [torch.arange(n, device=device) + TEXT_BEFORE + 1]  # MI-Rope: just after each <|image|>
     return DecodeStart(cache, out.visual, out.logits[:, -1].argmax(-1), features, positions)
 

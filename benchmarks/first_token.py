@@ -73,7 +73,7 @@ def llava_first_token(llava: Any, n: int, frames: torch.Tensor, tokens_per_image
 def decode_speed(model: Owl3ForCausalLM, n: int, tokens: int, recompute: bool) -> float:
     """Greedy decode tokens/s after a prefill with `n` frames; `recompute` rebuilds the visual K/V
     from the kept image features before every token (the official behaviour) instead of reusing them."""
-    state = decode_start(model, n, tokens)
+    state = decode_start(model, n, tokens, keep_features=recompute)
     synchronize(model.device)
     start = time.perf_counter()
     for _ in range(tokens):
