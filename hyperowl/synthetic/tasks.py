@@ -51,7 +51,8 @@ class Sample:
     pictures and videos.
 
     `cut` says whether the pictures are meant to be cut into tiles (only ever True for
-    single-picture tasks; see `TaskOptions.cut_probability`).
+    single-picture tasks; see `TaskOptions.cut_probability`). `named`: the shape a video "after X"
+    question names ("red circle"), else "".
     """
 
     task: str
@@ -60,6 +61,7 @@ class Sample:
     videos: list[SyntheticVideo] = field(default_factory=list)
     answer: str = ""
     cut: bool = False
+    named: str = ""
 
     @property
     def question(self) -> str:
@@ -213,7 +215,8 @@ def make_video(rng: random.Random, opts: TaskOptions) -> Sample:
     else:
         i = rng.randrange(len(names) - 1)
         question, answer = f"What appeared after the {names[i]}?", names[i + 1]
-    return Sample("video", _qa(f"{VIDEO_TOKEN}\n{question}", answer), videos=[video], answer=answer)
+    named = names[i] if kind == "after" else ""
+    return Sample("video", _qa(f"{VIDEO_TOKEN}\n{question}", answer), videos=[video], answer=answer, named=named)
 
 
 def answer_space(sample: Sample) -> tuple[str, list[str]]:

@@ -35,12 +35,16 @@ class SyntheticVideo:
     shade: int
     events: list[Event]
 
+    def event_at(self, t: float) -> int | None:
+        """Index of the event visible at time `t` seconds, None for the empty background."""
+        return next((i for i, event in enumerate(self.events) if event.start <= t < event.end), None)
+
     def frame_at(self, t: float) -> Image.Image:
         """The picture shown at time `t` seconds."""
         image = Image.new("RGB", (self.size, self.size), (self.shade,) * 3)
-        for event in self.events:
-            if event.start <= t < event.end:
-                draw_item(image, event.item)
+        index = self.event_at(t)
+        if index is not None:
+            draw_item(image, self.events[index].item)
         return image
 
     def num_frames(self, native_fps: int = NATIVE_FPS) -> int:

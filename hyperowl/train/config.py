@@ -33,7 +33,8 @@ class TrainConfig:
     Data: `train_file` (JSONL conversations, ms-swift layout) or `synthetic_tasks` (task -> weight,
     generated in memory from `seed`; the first `synthetic_warmup_steps` steps draw from
     `synthetic_warmup_tasks` instead, a curriculum); `on_bad_row` = skip | fail for JSONL rows that
-    cannot be used.
+    cannot be used. `video_guidance` (synthetic data only) adds frame captions and attention targets to
+    the video questions (`hyperowl.train.guidance`).
 
     Trainable parameters: `policy` hyper (projector + hyper-layer `v_kv_proj`/`gate_proj`, plus the
     hyper layers' whole attention with `hyper_attention`), full (LLM + projector) or lora (LoRA
@@ -59,6 +60,7 @@ class TrainConfig:
     synthetic_choice_probability: float = 0.0
     synthetic_warmup_tasks: dict[str, float] | None = None
     synthetic_warmup_steps: int = 0
+    video_guidance: dict[str, Any] | None = None
     on_bad_row: Literal["skip", "fail"] = "fail"
     cut_enable: bool = False
     max_frames: int = 16
@@ -109,6 +111,8 @@ class TrainConfig:
             raise RecipeError("give exactly one of train_file (JSONL) and synthetic_tasks")
         if self.synthetic_warmup_tasks and self.synthetic_tasks is None:
             raise RecipeError("synthetic_warmup_tasks needs synthetic_tasks (it is the first stage of a synthetic curriculum)")
+        if self.video_guidance and self.synthetic_tasks is None:
+            raise RecipeError("video_guidance needs synthetic_tasks: its targets come from the synthetic videos' known events")
         if self.init_from is None and not self.scratch_config:
             raise RecipeError("give init_from (a checkpoint to fine-tune) or scratch_config (a new model)")
         if self.policy == "lora" and self.init_from is None:

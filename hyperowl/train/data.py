@@ -23,6 +23,7 @@ from hyperowl.processing.chat import ROLES
 from hyperowl.processing.processor import IGNORE_INDEX, Owl3Processor
 from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
 from hyperowl.synthetic.tasks import TaskMixture
+from hyperowl.train.guidance import Targets, VideoFacts, VideoGuide, collate_targets, video_facts
 
 log = logging.getLogger("hyperowl.train")
 
@@ -34,13 +35,15 @@ class DataError(HyperowlError, ValueError):
 @dataclass
 class Example:
     """One conversation to train on. `images`/`videos`: paths, PIL images or `VideoClip`s.
-    `cut`: cut the images into tiles (None: the data set's setting). `where`: `file:line` for reports."""
+    `cut`: cut the images into tiles (None: the data set's setting). `where`: `file:line` for reports.
+    `facts`: the ground truth of a synthetic video question, for `video_guidance`."""
 
     messages: list[dict[str, str]]
     images: list[Any] = field(default_factory=list)
     videos: list[Any] = field(default_factory=list)
     cut: bool | None = None
     where: str = ""
+    facts: VideoFacts | None = None
 
 
 def _row_problem(row: Any, folder: Path) -> str | None:
@@ -150,26 +153,29 @@ class SyntheticDataset:
     def __getitem__(self, index: int) -> Example:
         s = (self.warmup if index < self.warmup_samples else self.mixture)[index]
         videos = [v.clip(self.fps, self.max_frames) for v in s.videos]
-        return Example(s.messages, s.images, videos, s.cut, where=f"synthetic sample {index} ({s.task})")
+        facts = video_facts(s, videos[0].timestamps, index) if s.task == "video" else None
+        return Example(s.messages, s.images, videos, s.cut, where=f"synthetic sample {index} ({s.task})", facts=facts)
 
 
 @dataclass
 class Encoded:
     """One tokenized conversation: `input_ids`, `labels` `[T]`, `seen` `[T]` (images strictly before each
-    token) and `pixel_values` `[n, 3, S, S]` (None without images)."""
+    token), `pixel_values` `[n, 3, S, S]` (None without images) and the `video_guidance` attention targets."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     seen: torch.Tensor
     pixel_values: torch.Tensor | None
+    guide_targets: Targets | None = None
 
     @property
     def num_images(self) -> int:
         return 0 if self.pixel_values is None else self.pixel_values.shape[0]
 
 
-def encode(processor: Owl3Processor, example: Example, cut_enable: bool) -> Encoded:
-    """Tokenize `example` with labels on the assistant answers only (content, `<|im_end|>`, `<|endoftext|>`)."""
+def encode(processor: Owl3Processor, example: Example, cut_enable: bool, guide: VideoGuide | None = None) -> Encoded:
+    """Tokenize `example` with labels on the assistant answers only (content, `<|im_end|>`, `<|endoftext|>`);
+    with `guide` and `example.facts`, also the caption labels and attention targets of `video_guidance`."""
     cut = cut_enable if example.cut is None else example.cut
     try:
         batch = processor(
@@ -183,7 +189,9 @@ def encode(processor: Owl3Processor, example: Example, cut_enable: bool) -> Enco
     except HyperowlError as exc:
         raise DataError(f"{example.where}: {exc}") from exc
     offset = batch["media_offset"][0]
-    return Encoded(batch["input_ids"][0], batch["labels"][0], offset[:, 1] - offset[:, 0], batch["pixel_values"])
+    input_ids, labels = batch["input_ids"][0], batch["labels"][0]
+    targets = guide.add_targets(input_ids, labels, example.facts) if guide is not None and example.facts is not None else None
+    return Encoded(input_ids, labels, offset[:, 1] - offset[:, 0], batch["pixel_values"], targets)
 
 
 def length_groups(lengths: list[int], groups: int) -> list[list[int]]:
@@ -220,7 +228,8 @@ def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor | None]
     """Left-pad encoded conversations into one model batch (the processor's batch layout).
 
     Returns `input_ids`, `attention_mask`, `labels` `[B, T]`, `media_offset` `[B, T, 2]` and
-    `pixel_values` `[sum n_b, 3, S, S]` (sample 0's images first) or None.
+    `pixel_values` `[sum n_b, 3, S, S]` (sample 0's images first) or None; with attention targets,
+    also `guide_targets` (`collate_targets`).
     """
     length = max(item.input_ids.shape[0] for item in items)
     b = len(items)
@@ -240,13 +249,17 @@ def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor | None]
         first += item.num_images
     start = torch.tensor(firsts, dtype=torch.long)[:, None].expand(b, length)
     pixels = [item.pixel_values for item in items if item.pixel_values is not None]
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
         "media_offset": torch.stack([start, start + seen], dim=-1),
         "pixel_values": torch.cat(pixels) if pixels else None,
     }
+    if any(item.guide_targets for item in items):
+        lengths = [item.input_ids.shape[0] for item in items]
+        batch["guide_targets"] = collate_targets([item.guide_targets for item in items], lengths, length)
+    return batch
 
 
 class MicroBatches(torch.utils.data.Dataset):
@@ -271,6 +284,7 @@ class MicroBatches(torch.utils.data.Dataset):
         seed: int,
         total_steps: int,
         length_groups: int = 1,
+        guide: VideoGuide | None = None,
     ) -> None:
         self.dataset = dataset
         self.processor = processor
@@ -282,6 +296,7 @@ class MicroBatches(torch.utils.data.Dataset):
         self.seed = seed
         self.total_steps = total_steps
         self.length_groups = length_groups
+        self.guide = guide
         self._perms: dict[int, list[int]] = {}
 
     def __len__(self) -> int:
@@ -305,6 +320,6 @@ class MicroBatches(torch.utils.data.Dataset):
         return range(start, start + self.batch_size)
 
     def __getitem__(self, k: int) -> list[dict[str, torch.Tensor | None]]:
-        items = [encode(self.processor, self.dataset[self.row(p)], self.cut_enable) for p in self.positions(k)]
+        items = [encode(self.processor, self.dataset[self.row(p)], self.cut_enable, self.guide) for p in self.positions(k)]
         runs = length_groups([item.input_ids.shape[0] for item in items], self.length_groups)
         return [collate([items[i] for i in run], self.processor.pad_token_id) for run in runs]

@@ -32,6 +32,7 @@ from hyperowl.processing.processor import IGNORE_INDEX, Owl3Processor
 from hyperowl.synthetic.tasks import TaskMixture, TaskOptions
 from hyperowl.train.config import RecipeError, TrainConfig
 from hyperowl.train.data import JsonlDataset, MicroBatches, SyntheticDataset
+from hyperowl.train.guidance import AttentionGuide, VideoGuidance, VideoGuide
 from hyperowl.train.model import (
     apply_policy,
     build_from_scratch,
@@ -67,14 +68,28 @@ class DistInfo:
 
 
 class LossModule(nn.Module):
-    """Wraps the model so DDP/FSDP see plain tensors: `forward(**batch)` -> (sum of token CE, label tokens)."""
+    """Wraps the model so DDP/FSDP see plain tensors: `forward(**batch)` -> (sum of token CE, label tokens).
 
-    def __init__(self, model: Owl3ForCausalLM) -> None:
+    With a `guide`, the batch's `guide_targets` add its attention-target loss to the sum.
+    """
+
+    def __init__(self, model: Owl3ForCausalLM, guide: AttentionGuide | None = None) -> None:
         super().__init__()
         self.model = model
+        self.guide = guide
 
-    def forward(self, labels: torch.Tensor, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_loss_sum(self.model(**inputs).logits, labels)
+    def forward(
+        self, labels: torch.Tensor, guide_targets: dict[str, tuple[torch.Tensor, ...]] | None = None, **inputs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.guide is None or not guide_targets:
+            return token_loss_sum(self.model(**inputs).logits, labels)
+        self.guide.targets = {role: tuple(t.to(labels.device) for t in v) for role, v in guide_targets.items()}
+        self.guide.loss = 0.0
+        try:
+            loss, count = token_loss_sum(self.model(**inputs).logits, labels)
+            return loss + self.guide.loss, count
+        finally:
+            self.guide.targets, self.guide.loss = {}, 0.0
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,7 +226,14 @@ class Trainer:
             enable_gradient_checkpointing(self.model)
         self.model.to(self.dist.device)
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else self.dist.device.type == "cuda"
-        self.wrapped = self._wrap(LossModule(self.model))
+        self.guide = None
+        attention_guide = None
+        if cfg.video_guidance:
+            guidance = VideoGuidance.from_dict(cfg.video_guidance)
+            guidance.check(self.model.config.num_hidden_layers, self.model.config.num_attention_heads)
+            self.guide = VideoGuide(guidance, self.processor.tokenizer, self.processor.image_token_id)
+            attention_guide = AttentionGuide(self.model, guidance) if guidance.heads else None
+        self.wrapped = self._wrap(LossModule(self.model, attention_guide))
         self.optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.step = 0
@@ -342,7 +364,7 @@ class Trainer:
         result = TrainResult(skipped_rows=len(getattr(self.dataset, "skipped", [])))
         micro = MicroBatches(
             self.dataset, self.processor, cfg.cut_enable, cfg.batch_size, cfg.grad_accum,
-            self.dist.rank, self.dist.world_size, cfg.seed, cfg.steps, cfg.length_groups,
+            self.dist.rank, self.dist.world_size, cfg.seed, cfg.steps, cfg.length_groups, self.guide,
         )
         start = self.step * cfg.grad_accum
         loader = torch.utils.data.DataLoader(
