@@ -123,6 +123,8 @@ def test_video_guidance_recipe_errors(tmp_path):
         VideoGuidance.from_dict({"answer_frames": [3]})
     with pytest.raises(RecipeError, match="video_guidance needs synthetic_tasks"):
         recipe(tmp_path, synthetic_tasks=None, train_file="x.jsonl", video_guidance={"captions": True})
+    with pytest.raises(RecipeError, match="video_guidance does not work with gradient_checkpointing"):
+        recipe(tmp_path, gradient_checkpointing=True, video_guidance={"captions": True})
     with pytest.raises(RecipeError, match=r"video_guidance.answer_frames = \[5, 0\] is outside the model \(2 layers"):
         Trainer(recipe(tmp_path, video_guidance={"answer_frames": [5, 0]}))
 

@@ -113,6 +113,8 @@ class TrainConfig:
             raise RecipeError("synthetic_warmup_tasks needs synthetic_tasks (it is the first stage of a synthetic curriculum)")
         if self.video_guidance and self.synthetic_tasks is None:
             raise RecipeError("video_guidance needs synthetic_tasks: its targets come from the synthetic videos' known events")
+        if self.video_guidance and self.gradient_checkpointing:
+            raise RecipeError("video_guidance does not work with gradient_checkpointing: its attention targets are read inside the recomputed layers")
         if self.init_from is None and not self.scratch_config:
             raise RecipeError("give init_from (a checkpoint to fine-tune) or scratch_config (a new model)")
         if self.policy == "lora" and self.init_from is None:
