@@ -84,6 +84,17 @@ def test_first_and_last_questions_get_no_answer_targets():
     assert len(item.guide_targets["previous_shape"]) == 3
 
 
+def test_an_answer_no_sampled_frame_shows_gets_no_answer_target():
+    processor = Owl3Processor.from_pretrained(DEFAULT_MODEL)
+    sample, _ = after_x_sample()
+    times = [0.5, 4.5]  # too few frames: the blue cross (3-4 s) is never sampled
+    clip = VideoClip([sample.videos[0].frame_at(t) for t in times], times)
+    guide = VideoGuide(VideoGuidance.from_dict(ALL_HEADS), processor.tokenizer, processor.image_token_id)
+    item = encode(processor, Example(sample.messages, videos=[clip], facts=video_facts(sample, times, 0)), False, guide)
+    assert item.guide_targets["answer_frames"] == []
+    assert len(item.guide_targets["question_shape"]) == 2
+
+
 def test_attention_target_loss_equals_transformers_attention_weights():
     model = random_model().train()
     hf = qwen2_oracle(model)

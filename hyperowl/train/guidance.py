@@ -153,14 +153,15 @@ class VideoGuide:
                     targets["previous_shape"].append((seen[k], [seen[before[-1]]]))
         if facts.named_event is not None:
             asking = [answer - 1, answer]
+            # an event that no sampled frame shows (few frames) or words not found give no target
             if "answer_frames" in targets:
                 keys = [seen[k] for k, event in enumerate(facts.frame_events) if event == facts.answer_event]
-                targets["answer_frames"] = [(q, keys) for q in asking]
+                targets["answer_frames"] = [(q, keys) for q in asking] if keys else []
             if "question_shape" in targets:
                 colour, shape = facts.items[facts.named_event]
                 words = {self.tokens.question_colour[colour], self.tokens.question_shape[shape]}
                 keys = [i for i in range(image_pos[-1] + 1, answer) if int(input_ids[i]) in words]
-                targets["question_shape"] = [(q, keys) for q in asking]
+                targets["question_shape"] = [(q, keys) for q in asking] if keys else []
         if self.config.captions:
             for k, event in enumerate(facts.frame_events):
                 if event is None:
