@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hyperowl.model.decoder import apply_rotary
@@ -197,18 +198,23 @@ def collate_targets(targets: Sequence[Targets | None], lengths: Sequence[int], l
     return out
 
 
+def _head_projection(linear: nn.Linear, x: torch.Tensor, head: int, head_dim: int) -> torch.Tensor:
+    """Head `head`'s `[..., head_dim]` slice of `linear(x)`, computed from that slice of the weights alone."""
+    part = slice(head * head_dim, (head + 1) * head_dim)
+    return F.linear(x, linear.weight[part], None if linear.bias is None else linear.bias[part])
+
+
 def target_attention_loss(
     attn: nn.Module, x: torch.Tensor, ctx: Any, head: int, rows: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor
 ) -> torch.Tensor:
     """Sum over targets of `-log` (attention mass of `head` of `attn` at query `(rows, queries)` on the
-    `keys` `[N, T]` mask), recomputed from the layer's normed input `x` `[B, T, H]` and its step context."""
-    b, t, _ = x.shape
-    group = attn.num_heads // attn.num_kv_heads
-    q = attn.q_proj(x).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-    q = apply_rotary(q, ctx.cos, ctx.sin)[:, head]
-    k = apply_rotary(k, ctx.cos, ctx.sin)[:, head // group]
-    scores = torch.einsum("nd,nkd->nk", q[rows, queries].float(), k[rows].float()) / math.sqrt(attn.head_dim)
+    `keys` `[N, T]` mask), recomputed from the layer's normed input `x` `[B, T, H]` and its step context.
+    Only that head's query at the query positions and its kv head's keys are projected."""
+    d = attn.head_dim
+    cos, sin = ctx.cos[:, 0], ctx.sin[:, 0]  # [B, T, d]
+    q = apply_rotary(_head_projection(attn.q_proj, x[rows, queries], head, d), cos[rows, queries], sin[rows, queries])
+    k = apply_rotary(_head_projection(attn.k_proj, x, head // (attn.num_heads // attn.num_kv_heads), d), cos, sin)
+    scores = torch.einsum("nd,nkd->nk", q.float(), k[rows].float()) / math.sqrt(d)
     log_probs = scores.masked_fill(~ctx.self_mask[rows, 0, queries], float("-inf")).log_softmax(-1)
     return -log_probs.masked_fill(~keys, float("-inf")).logsumexp(-1).sum()
 
