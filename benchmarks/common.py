@@ -19,8 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from hyperowl.config import PRESETS, Owl3Config
-from hyperowl.engine.cache import TextKVCache, VisualKV
-from hyperowl.model.owl3 import Owl3ForCausalLM
+from hyperowl.engine.generate import Owl3ForCausalLM
+from hyperowl.model.cache import TextKVCache, VisualKV
 
 IMAGE_ID = 7  # `<|image|>` of the random models (the model finds images through media_offset)
 TEXT_BEFORE, TEXT_AFTER = 6, 24  # prompt text around the images (system turn / question)

@@ -12,8 +12,8 @@ import copy
 import torch
 
 from hyperowl.config import PRESETS
-from hyperowl.engine.visual import VisualOptions
-from hyperowl.model.owl3 import Owl3ForCausalLM
+from hyperowl.engine.generate import Owl3ForCausalLM
+from hyperowl.model.owl3 import VisualOptions
 
 IMG = 7
 

@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.common import PRESETS_BENCH, DecodeStart, decode_start, machine, random_owl3, synchronize
-from hyperowl.model.owl3 import Owl3ForCausalLM
+from hyperowl.engine.generate import Owl3ForCausalLM
 
 #: Operators that only relabel memory although their schema does not say so.
 VIEWS = {"_unsafe_view", "_reshape_alias"}

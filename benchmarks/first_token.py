@@ -35,8 +35,8 @@ from benchmarks.common import (
     random_owl3,
     synchronize,
 )
-from hyperowl.engine.visual import plan_visual_memory
-from hyperowl.model.owl3 import Owl3ForCausalLM
+from hyperowl.engine.generate import Owl3ForCausalLM
+from hyperowl.engine.memory import plan_visual_memory
 
 MIB = 2**20
 

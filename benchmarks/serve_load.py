@@ -34,7 +34,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hyperowl.cli import DEFAULT_MODEL
+from hyperowl.hub import DEFAULT_MODEL
 
 QUESTIONS = [
     "What colour is the square?",
@@ -49,7 +49,7 @@ def cpu_small_checkpoint(path: Path) -> Path:
     import torch
 
     from hyperowl.config import PRESETS
-    from hyperowl.model.owl3 import Owl3ForCausalLM
+    from hyperowl.engine.generate import Owl3ForCausalLM
     from hyperowl.processing.tokenizer import ENDOFTEXT, IM_END, train_tokenizer
 
     corpus = [q + " The square is red. A blue circle on a white background. Picture 3." for q in QUESTIONS] * 50

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from hyperowl.errors import HyperowlError
+from hyperowl.hub import DEFAULT_MODEL, checkpoint_dir
 
 # subcommand -> module providing `add_arguments(parser)` and `run(args) -> int`
 COMMANDS = {
@@ -16,9 +17,6 @@ COMMANDS = {
     "eval": "hyperowl.eval.cli",
     "train": "hyperowl.train.cli",
 }
-
-DEFAULT_MODEL = Path(__file__).parent / "assets" / "default-model"
-
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """`--model/--dtype/--device`, shared by every subcommand that loads a model."""
@@ -36,8 +34,7 @@ def resolve_device(device: str | None) -> str:
 
 def load_model_and_processor(args: argparse.Namespace, **processor_overrides):
     """The model and processor named by `add_model_arguments`' flags."""
-    from hyperowl.hub import checkpoint_dir
-    from hyperowl.model.owl3 import Owl3ForCausalLM
+    from hyperowl.engine.generate import Owl3ForCausalLM
     from hyperowl.processing.processor import Owl3Processor
 
     path = args.model or DEFAULT_MODEL

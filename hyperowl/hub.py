@@ -8,6 +8,9 @@ from pathlib import Path
 
 from hyperowl.errors import CheckpointError
 
+#: The bundled small model (trained on synthetic data) that every command uses without `--model`.
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "default-model"
+
 #: A Hub repository id: `owner/name`.
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 #: The files of a checkpoint that hyperowl reads; pickled `*.bin` weights and remote code are not fetched.

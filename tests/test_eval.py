@@ -356,7 +356,7 @@ def test_report(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_checkpoint):
-    from hyperowl.model.owl3 import Owl3ForCausalLM
+    from hyperowl.engine.generate import Owl3ForCausalLM
     from hyperowl.processing.processor import Owl3Processor
 
     return Owl3ForCausalLM.from_pretrained(tiny_checkpoint, dtype="float32"), Owl3Processor.from_pretrained(tiny_checkpoint)
@@ -412,7 +412,7 @@ def test_bad_media_is_recorded(tiny_model, mmbench_items, tmp_path):
 def _shard_worker(rank: int, world_size: int, port: int, checkpoint: str, requests, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
-    from hyperowl.model.owl3 import Owl3ForCausalLM
+    from hyperowl.engine.generate import Owl3ForCausalLM
     from hyperowl.processing.processor import Owl3Processor
 
     dist = init_distributed()

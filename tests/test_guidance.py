@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from hyperowl.cli import DEFAULT_MODEL
+from hyperowl.hub import DEFAULT_MODEL
 from hyperowl.processing.processor import Owl3Processor
 from hyperowl.processing.video import VideoClip
 from hyperowl.synthetic.draw import Item

@@ -9,12 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hyperowl.engine.cache import VisualKV
+from hyperowl.engine.generate import Owl3ForCausalLM, prefill
 from hyperowl.engine.longvideo import answer_video, video_pixel_stream, video_prompt
-from hyperowl.engine.visual import PixelStream, VisualOptions, plan_visual_memory, prefetch
+from hyperowl.engine.memory import plan_visual_memory, prefetch
 from hyperowl.errors import ResourceLimitError
+from hyperowl.model.cache import VisualKV
 from hyperowl.model.decoder import CrossPlan, StepContext
-from hyperowl.model.owl3 import Owl3ForCausalLM
+from hyperowl.model.owl3 import PixelStream, VisualOptions
 from hyperowl.processing.image import image_to_tensor
 from hyperowl.processing.processor import Owl3Processor
 from hyperowl.processing.video import count_sampled_frames, load_video
@@ -174,14 +175,14 @@ def test_limit_error_says_how_many_frames_fit():
     assert 1 < fit < 10**6
     plan = plan_visual_memory(model.config, fit, fit + text, model.dtype, model.device, options)
     assert plan.max_images == fit and not plan.offload
-    # the model refuses before running the vision tower, and takes exactly `fit` frames
+    # the engine refuses before running the vision tower, and takes exactly `fit` frames
     calls = []
     hook = model.vision_model.register_forward_hook(lambda *_: calls.append(1))
     model.visual_options = options
     with pytest.raises(ResourceLimitError, match=f"at most {fit} fit"):
-        model(**many_images_batch(model, (fit + 1,), seed=9, text_every=10**9))
+        prefill(model, **many_images_batch(model, (fit + 1,), seed=9, text_every=10**9))
     assert not calls
-    assert model(**many_images_batch(model, (fit,), seed=9, text_every=10**9)).visual.num_images.tolist() == [fit]
+    assert prefill(model, **many_images_batch(model, (fit,), seed=9, text_every=10**9))[2].num_images.tolist() == [fit]
     hook.remove()
     # a lower-precision store fits more frames
     low = dataclasses.replace(options, kv_dtype=torch.float8_e4m3fn)

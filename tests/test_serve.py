@@ -27,9 +27,8 @@ from PIL import Image
 
 from benchmarks.serve_load import free_port, wait_ready
 from hyperowl.engine.batching import DecodeBatch
-from hyperowl.engine.generate import prefill
+from hyperowl.engine.generate import Owl3ForCausalLM, prefill
 from hyperowl.engine.sampling import SamplingParams
-from hyperowl.model.owl3 import Owl3ForCausalLM
 from hyperowl.processing.processor import Owl3Processor
 from hyperowl.processing.video import load_video
 from hyperowl.serve.app import create_app

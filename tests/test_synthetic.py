@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from hyperowl.cli import DEFAULT_MODEL
+from hyperowl.hub import DEFAULT_MODEL
 from hyperowl.processing.choices import MC_INSTRUCTION
 from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
 from hyperowl.processing.video import load_video
@@ -168,7 +168,7 @@ def test_write_dataset_layout(tmp_path):
 
 
 def test_default_model_answers_a_synthetic_question():
-    from hyperowl.model.owl3 import Owl3ForCausalLM
+    from hyperowl.engine.generate import Owl3ForCausalLM
     from hyperowl.processing.processor import Owl3Processor
 
     model = Owl3ForCausalLM.from_pretrained(DEFAULT_MODEL)

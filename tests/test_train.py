@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from hyperowl.engine.generate import Owl3ForCausalLM
 from hyperowl.model.decoder import apply_rotary, rotary_cos_sin
-from hyperowl.model.owl3 import Owl3ForCausalLM
 from hyperowl.processing.processor import IGNORE_INDEX, Owl3Processor
 from hyperowl.train.config import RecipeError, TrainConfig
 from hyperowl.train.data import DataError, Example, JsonlDataset, collate, encode, length_groups

@@ -7,7 +7,7 @@ import copy
 import torch
 
 from hyperowl.config import PRESETS, Owl3Config
-from hyperowl.model.owl3 import Owl3ForCausalLM
+from hyperowl.engine.generate import Owl3ForCausalLM
 
 
 def tiny_config(**overrides) -> Owl3Config:

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hyperowl.engine.cache import TextKVCache, VisualKV
+from hyperowl.model.cache import TextKVCache, VisualKV
 
 if TYPE_CHECKING:
-    from hyperowl.model.owl3 import Owl3ForCausalLM
+    from hyperowl.model.owl3 import Owl3Model
 
 
 def empty_visual(like: VisualKV, rows: int) -> VisualKV:
@@ -49,7 +49,7 @@ class DecodeBatch:
     rows, `step` runs one decode forward for every row and returns the next-token logits.
     """
 
-    def __init__(self, model: Owl3ForCausalLM) -> None:
+    def __init__(self, model: Owl3Model) -> None:
         self.model = model
         self.cache: TextKVCache | None = None
         self.visual: VisualKV | None = None

@@ -8,10 +8,9 @@ from typing import Any
 
 import torch
 
-from hyperowl.engine.cache import TextKVCache, VisualKV
-from hyperowl.engine.generate import stream_text
+from hyperowl.engine.generate import Owl3ForCausalLM, stream_text
 from hyperowl.engine.sampling import SamplingParams
-from hyperowl.model.owl3 import Owl3ForCausalLM
+from hyperowl.model.cache import TextKVCache, VisualKV
 from hyperowl.processing.processor import Owl3Processor
 from hyperowl.processing.video import load_video
 

@@ -9,15 +9,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from hyperowl.engine.cache import TextKVCache, VisualKV
+from hyperowl.engine.memory import plan_visual_memory
 from hyperowl.engine.sampling import SamplingParams, sample_row
-
-if TYPE_CHECKING:
-    from hyperowl.model.owl3 import Owl3ForCausalLM
+from hyperowl.model.cache import TextKVCache, VisualKV
+from hyperowl.model.owl3 import Owl3Model, PixelStream
 
 
 @dataclass
@@ -34,7 +33,7 @@ class GenerationOutput:
     visual: VisualKV | None = field(default=None, repr=False)
 
 
-def default_stop_ids(model: Owl3ForCausalLM) -> list[int]:
+def default_stop_ids(model: Owl3Model) -> list[int]:
     eos = model.config.eos_token_id
     return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
 
@@ -53,7 +52,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "media_offset", "pixel_values")
 
 @torch.no_grad()
 def prefill(
-    model: Owl3ForCausalLM,
+    model: Owl3Model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     media_offset: torch.Tensor | None = None,
@@ -65,10 +64,20 @@ def prefill(
 ) -> tuple[torch.Tensor, TextKVCache, VisualKV | None]:
     """Run a prompt `[B, T]` (or, with `cache`/`visual`, the continuation of cached conversations) into a
     text KV cache with room for `extra_tokens` more; return the next-token logits `[B, vocab]`, the cache
-    and the visual K/V (encoded here, once, for the new `pixel_values`)."""
+    and the visual K/V (encoded here, once, for the new `pixel_values`).
+
+    Raises:
+        ResourceLimitError: before any image is encoded, when the images would not fit in the memory
+            budget (`hyperowl.engine.memory.plan_visual_memory`).
+    """
     device = model.device
     input_ids = input_ids.to(device)
     batch, prompt_len = input_ids.shape
+    offload = False
+    if pixel_values is not None:
+        num_images = pixel_values.total if isinstance(pixel_values, PixelStream) else pixel_values.shape[0]
+        plan = plan_visual_memory(model.config, num_images, input_ids.numel(), model.dtype, device, model.visual_options)
+        offload = plan.offload
     if cache is None:
         cache = model.new_cache(batch, prompt_len + extra_tokens)
     else:
@@ -82,13 +91,14 @@ def prefill(
         visual=visual,
         logits_to_keep=1,
         vision_chunk_size=vision_chunk_size,
+        offload_visual=offload,
     )
     return out.logits[:, -1], cache, out.visual
 
 
 @torch.no_grad()
 def stream_tokens(
-    model: Owl3ForCausalLM,
+    model: Owl3Model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     media_offset: torch.Tensor | None = None,
@@ -99,12 +109,15 @@ def stream_tokens(
     visual: VisualKV | None = None,
     vision_chunk_size: int | None = None,
     state: dict[str, Any] | None = None,
+    cuda_graph: bool | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row `[B]` at each step until all rows stop or the budget is used.
 
     With `cache`/`visual` from an earlier turn, `input_ids` continue that conversation. `state`
     (a dict) receives `cache`, `visual`, `first_token_s` so callers can keep them for the next turn.
     A row's stop token is yielded; afterwards the row repeats it (and is ignored by callers).
+    Decode steps replay a CUDA graph (`DecodeStep`) when `cuda_graph` is true (None: on a GPU);
+    greedy decoding without a repetition penalty never waits for the GPU but once per step.
     """
     params = params or SamplingParams()
     device = model.device
@@ -120,27 +133,88 @@ def stream_tokens(
     state.update(cache=cache, visual=visual)
     generator = params.generator(device)
     history = [input_ids[b][attention_mask[b].bool()] for b in range(batch)]
+    on_device = params.greedy and params.repetition_penalty == 1.0
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     last = torch.zeros(batch, dtype=torch.long, device=device)
+    step_fn = DecodeStep(model, cache, visual, graph=device.type == "cuda" if cuda_graph is None else cuda_graph)
     for step in range(params.max_new_tokens):
-        chosen = torch.tensor(
-            [sample_row(logits[b], params, history[b], generator) for b in range(batch)], dtype=torch.long, device=device
-        )
+        if on_device:
+            chosen = logits.argmax(-1)
+        else:
+            picked = [sample_row(logits[b], params, history[b], generator) for b in range(batch)]
+            chosen = torch.tensor(picked, dtype=torch.long, device=device)
         token = torch.where(finished, last, chosen)
         if step == 0:
             state["first_token_s"] = time.perf_counter() - start
         yield token
         last = token
         finished |= torch.isin(token, stops)
-        if bool(finished.all()) or step == params.max_new_tokens - 1:
+        if bool(finished.all()) or step == params.max_new_tokens - 1:  # the one read-back of the step
             break
         if params.repetition_penalty != 1.0:
             history = [torch.cat([h, token[b : b + 1]]) for b, h in enumerate(history)]
-        logits = model(token[:, None], cache=cache, visual=visual, logits_to_keep=1).logits[:, -1]
+        logits = step_fn(token)
+
+
+class DecodeStep:
+    """Decode steps of a fixed set of rows over a text cache whose capacity does not change
+    (`Owl3Model.decode`): run eagerly, or, with `graph` (a CUDA model), replayed from a CUDA graph
+    captured at the first call, so a step costs one launch instead of one per operator.
+
+    Calling it with the tokens `[B]` of the step returns the next-token logits `[B, vocab]` (with a
+    graph: a buffer overwritten by the next call) and advances the cache by one column.
+    """
+
+    def __init__(self, model: Owl3Model, cache: TextKVCache, visual: VisualKV | None, graph: bool = False) -> None:
+        if graph and model.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a model on a CUDA device, not {model.device}")
+        self.model, self.cache, self.visual = model, cache, visual
+        self.cross = model.decode_plan(visual)
+        self.index = torch.zeros(1, dtype=torch.long, device=model.device)
+        self.use_graph = graph
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.tokens: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+
+    def _run(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(tokens, self.cache, self.index, self.visual, self.cross)
+
+    def _capture(self, tokens: torch.Tensor) -> None:
+        """Warm up on a side stream (the same column twice: harmless), then record the step."""
+        self.tokens = tokens.clone()
+        side = torch.cuda.Stream(self.model.device)
+        side.wait_stream(torch.cuda.current_stream(self.model.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._run(self.tokens)
+        torch.cuda.current_stream(self.model.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._run(self.tokens)
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        cache = self.cache
+        if not self.use_graph:
+            cache.reserve(1)
+        elif cache.length >= cache.capacity:
+            raise RuntimeError(f"the text cache is full ({cache.capacity} columns); reserve room before decoding")
+        self.index.fill_(cache.length)
+        if not self.use_graph:
+            logits = self._run(tokens)
+        else:
+            if self.graph is None:
+                self._capture(tokens)
+            assert self.graph is not None and self.tokens is not None and self.logits is not None
+            self.tokens.copy_(tokens)
+            self.graph.replay()
+            logits = self.logits
+        cache.advance()
+        return logits
 
 
 def generate(
-    model: Owl3ForCausalLM,
+    model: Owl3Model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     media_offset: torch.Tensor | None = None,
@@ -150,16 +224,20 @@ def generate(
     cache: TextKVCache | None = None,
     visual: VisualKV | None = None,
     vision_chunk_size: int | None = None,
+    cuda_graph: bool | None = None,
     **sampling: Any,
 ) -> GenerationOutput:
     """Generate for a processor batch. Sampling options as keywords (`max_new_tokens`, `do_sample`,
-    `temperature`, `top_p`, `top_k`, `repetition_penalty`, `seed`) or as `params`."""
+    `temperature`, `top_p`, `top_k`, `repetition_penalty`, `seed`) or as `params`; `cuda_graph` as in
+    `stream_tokens`."""
     params = make_params(params, **sampling)
     stops = stop_token_ids if stop_token_ids is not None else default_stop_ids(model)
     state: dict[str, Any] = {}
     start = time.perf_counter()
     steps = list(
-        stream_tokens(model, input_ids, attention_mask, media_offset, pixel_values, params, stops, cache, visual, vision_chunk_size, state)
+        stream_tokens(
+            model, input_ids, attention_mask, media_offset, pixel_values, params, stops, cache, visual, vision_chunk_size, state, cuda_graph
+        )
     )
     sequences = torch.stack(steps, dim=1)
     stop_hits = torch.isin(sequences, torch.tensor(stops, device=sequences.device)).long()
@@ -176,7 +254,7 @@ def generate(
 
 
 def stream_text(
-    model: Owl3ForCausalLM,
+    model: Owl3Model,
     processor: Any,
     inputs: dict[str, Any],
     params: SamplingParams | None = None,
@@ -205,6 +283,15 @@ def stream_text(
     state["text"] = text.emitted
     if tail:
         yield tail
+
+
+class Owl3ForCausalLM(Owl3Model):
+    """mPLUG-Owl3 with generation: `Owl3Model` (forward, checkpoint I/O) plus `generate`."""
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> GenerationOutput:
+        """Generate from a processor batch; see `hyperowl.engine.generate.generate` for the options."""
+        return generate(self, input_ids=input_ids, **kwargs)
 
 
 class TextStream:

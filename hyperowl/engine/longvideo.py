@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hyperowl.engine.visual import PixelStream, prefetch
+from hyperowl.engine.memory import prefetch
+from hyperowl.model.owl3 import PixelStream
 from hyperowl.processing.chat import render_chat_with_spans
 from hyperowl.processing.image import image_to_tensor
 from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
@@ -21,7 +22,7 @@ from hyperowl.processing.video import VideoFileSource, count_sampled_frames, ite
 
 if TYPE_CHECKING:
     from hyperowl.engine.generate import GenerationOutput
-    from hyperowl.model.owl3 import Owl3ForCausalLM
+    from hyperowl.model.owl3 import Owl3Model
     from hyperowl.processing.processor import Owl3Processor
 
 
@@ -70,7 +71,7 @@ def video_prompt(processor: Owl3Processor, question: str, num_frames: int, syste
 
 
 def answer_video(
-    model: Owl3ForCausalLM,
+    model: Owl3Model,
     processor: Owl3Processor,
     src: VideoFileSource,
     question: str,

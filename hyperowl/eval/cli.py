@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hyperowl.cli import DEFAULT_MODEL, add_model_arguments, load_model_and_processor, resolve_device
+from hyperowl.cli import add_model_arguments, load_model_and_processor, resolve_device
 from hyperowl.errors import HyperowlError
 from hyperowl.eval.baseline import LlavaBaseline, is_llava_checkpoint
 from hyperowl.eval.data import LOADERS, load_benchmark, load_mmbench_tsv
@@ -32,6 +32,7 @@ from hyperowl.eval.report import load_summaries, markdown_report, write_report
 from hyperowl.eval.runner import CUT_MODES, RunOptions, init_distributed, run_requests
 from hyperowl.eval.scoring import summarize
 from hyperowl.eval.tasks import EvalRequest, build_requests
+from hyperowl.hub import DEFAULT_MODEL
 
 BENCHMARKS = (*LOADERS, "distractor")
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from hyperowl.engine.generate import Owl3ForCausalLM
 from hyperowl.errors import HyperowlError, MediaError
 from hyperowl.eval.data import FRAME_EXTENSIONS
 from hyperowl.eval.scoring import Record, score_response
 from hyperowl.eval.tasks import EvalRequest, build_messages
-from hyperowl.model.owl3 import Owl3ForCausalLM
 from hyperowl.processing.processor import Owl3Processor
 from hyperowl.processing.video import VideoClip, load_video, sample_frame_indices
 

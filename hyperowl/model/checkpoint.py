@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,7 +22,11 @@ from torch import nn
 from hyperowl.config import Owl3Config
 from hyperowl.errors import CheckpointError
 from hyperowl.hub import checkpoint_dir
-from hyperowl.model.owl3 import Owl3ForCausalLM
+
+if TYPE_CHECKING:
+    from hyperowl.model.owl3 import Owl3Model
+
+M = TypeVar("M", bound="Owl3Model")
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -99,7 +103,7 @@ def tensor_files(path: Path) -> dict[str, Path]:
     return out
 
 
-def check_names_and_shapes(model: Owl3ForCausalLM, shapes: dict[str, tuple[int, ...]]) -> None:
+def check_names_and_shapes(model: Owl3Model, shapes: dict[str, tuple[int, ...]]) -> None:
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     optional = {"language_model.lm_head.weight"} if model.config.tie_word_embeddings else set()
     unknown = sorted(n for n in shapes if n not in expected and not IGNORED.search(n))
@@ -114,7 +118,11 @@ def check_names_and_shapes(model: Owl3ForCausalLM, shapes: dict[str, tuple[int, 
         raise CheckpointError("checkpoint does not match the config: " + "; ".join(problems))
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu") -> Owl3ForCausalLM:
+def load_checkpoint(
+    cls: type[M], path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu"
+) -> M:
+    """A `cls` (an `Owl3Model` class) built from the checkpoint at `path` (directory or Hub id), its tensors
+    read straight to `device` in `dtype` (None/"auto": the checkpoint's own)."""
     path = checkpoint_dir(path)
     config = Owl3Config.from_pretrained(path)
     files = tensor_files(path)
@@ -123,7 +131,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None, de
         config.fused_hyper_attention = not any(GATE.search(n) for n in files)
     target = resolve_dtype(dtype, config)
     with torch.device("meta"), uninitialised_weights():
-        model = Owl3ForCausalLM(config)
+        model = cls(config)
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
@@ -146,7 +154,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None, de
     return model.eval()
 
 
-def save_checkpoint(model: Owl3ForCausalLM, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_checkpoint(model: Owl3Model, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(path)

@@ -6,6 +6,7 @@ H hidden, h query heads, g kv heads, d head_dim.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hyperowl.config import Owl3Config
-from hyperowl.engine.cache import TextKVCache, VisualKV
+from hyperowl.model.cache import TextKVCache, VisualKV
 
 
 class RMSNorm(nn.Module):
@@ -94,6 +95,8 @@ class StepContext:
 
     `cos`, `sin`: the rotary tables of `rotary_cos_sin` (sin signed); `self_mask` `[B, 1, T, K]`
     (True = may attend); `cross` says which images each token sees and is None when the step has no images.
+    `write_index` (`[1]` long, a decode step of `Owl3Model.decode`): the new keys go to that column of
+    `cache` and the attention reads its whole capacity; None: they are appended (`TextKVCache.write`).
     """
 
     cos: torch.Tensor
@@ -102,6 +105,7 @@ class StepContext:
     cache: TextKVCache | None
     visual: VisualKV | None
     cross: CrossPlan | None
+    write_index: torch.Tensor | None = None
 
 
 def fold_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -124,34 +128,54 @@ SPLIT_KEYS = 4096
 
 
 def few_query_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    q: torch.Tensor, segments: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 ) -> torch.Tensor:
-    """Softmax attention of a few query heads `q` `[B, h, L, d]` over many keys `k`, `v` `[B, g, N, d]`
-    (`mask` `[B, 1, L, N]`, True = may attend) as two matrix products with an fp32 softmax -> `[B, h, L, d]`.
+    """Softmax attention of a few query heads `q` `[B, h, L, d]` over the keys of every segment
+    `(k, v, mask)` together (`k`, `v` `[B, g, N_i, d]`, `mask` `[B, 1, L, N_i]` or None, True = may
+    attend), as matrix products with one fp32 softmax over all the segments' scores -> `[B, h, L, d]`.
 
     The query heads of one kv head are folded into extra queries of it (GQA without expanding K/V).
     Decoding against ~1e5-1e6 visual keys: fused attention kernels parallelise over query blocks and
     heads only (a handful of blocks here) and crawl, and one may plan itself anew for every key
     length; the products use the whole GPU at a few cheap launches. The scores `[B, g, h/g x L, N]`
-    are small because L is.
+    are small because L is. Segments (the visual K/V and the text cache of a fused hyper layer) are
+    read where they lie: only their scores are concatenated, never their keys.
     """
     b, h, length, d = q.shape
-    g, n = k.shape[1], k.shape[2]
+    g = segments[0][0].shape[1]
     groups = h // g
-    scores = torch.matmul(fold_groups(q, groups), k.transpose(-1, -2)).float() * d**-0.5
-    if mask is not None:  # scores seen as [B, g, groups, L, N] against the mask [B, 1, 1, L, N]
-        scores = torch.where(mask[:, :, None], scores.view(b, g, groups, length, n), float("-inf")).view(scores.shape)
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    # split the long key axis into slices summed in fp32: a product with a ~1e6-long inner axis and
-    # a tiny output would otherwise run on a few GPU blocks
+    folded = fold_groups(q, groups)
+    scores = []
+    for k, _, mask in segments:
+        part = torch.matmul(folded, k.transpose(-1, -2)).float() * d**-0.5
+        if mask is not None:  # scores seen as [B, g, groups, L, N] against the mask [B, 1, 1, L, N]
+            n = k.shape[2]
+            part = torch.where(mask[:, :, None], part.view(b, g, groups, length, n), float("-inf")).view(part.shape)
+        scores.append(part)
+    probs = torch.softmax(scores[0] if len(scores) == 1 else torch.cat(scores, -1), dim=-1)
+    out = None
+    start = 0
+    for k, v, _ in segments:
+        n = k.shape[2]
+        part = weighted_values(probs[..., start : start + n].to(v.dtype), v)
+        out = part if out is None else out + part
+        start += n
+    return unfold_groups(out.to(segments[0][1].dtype), groups)
+
+
+def weighted_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`probs` `[B, g, rows, N]` times `v` `[B, g, N, d]` -> fp32 `[B, g, rows, d]`. The long key axis is
+    split into slices summed in fp32: a product with a ~1e6-long inner axis and a tiny output would
+    otherwise run on a few GPU blocks."""
+    b, g, rows, n = probs.shape
+    d = v.shape[-1]
     main = n - n % SPLIT_KEYS
     if not main:
-        return unfold_groups(torch.matmul(probs, v), groups)
-    rows = groups * length
+        return torch.matmul(probs, v).float()
     out = torch.matmul(probs[..., main:], v[:, :, main:]).float()
     sliced = probs[..., :main].reshape(b, g, rows, main // SPLIT_KEYS, SPLIT_KEYS).transpose(2, 3)
     parts = torch.matmul(sliced, v[:, :, :main].reshape(b, g, main // SPLIT_KEYS, SPLIT_KEYS, d))
-    return unfold_groups((out + parts.float().sum(2)).to(v.dtype), groups)
+    return out + parts.float().sum(2)
 
 
 def attention(
@@ -165,7 +189,7 @@ def attention(
     folded into extra queries of it, so the memory-efficient kernel runs without expanding K/V.
     """
     if q.shape[2] <= FEW_QUERIES:
-        return few_query_attention(q, k, v, mask)
+        return few_query_attention(q, [(k, v, mask)])
     if not fold:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     groups = q.shape[1] // k.shape[1]
@@ -239,6 +263,11 @@ class Qwen2Attention(nn.Module):
             elif n == 0:  # no image visible yet: plain text attention
                 parts.append(attention(qb, text_k, text_v, ctx.self_mask[:, :, block.t0 : block.t1]))
                 continue
+            elif qb.shape[2] <= FEW_QUERIES:  # decoding: the visual and the text keys stay where they are
+                vis_mask = None if block.full else (token_image[:n] < counts)[:, None]
+                text_mask = ctx.self_mask[:, :, block.t0 : block.t1]
+                parts.append(few_query_attention(qb, [(vis_k[:, :, :n], vis_v[:, :, :n], vis_mask), (text_k, text_v, text_mask)]))
+                continue
             else:
                 keys, values = torch.cat([vis_k[:, :, :n], text_k], 2), torch.cat([vis_v[:, :, :n], text_v], 2)
                 mask = torch.cat([(token_image[:n] < counts)[:, None], ctx.self_mask[:, :, block.t0 : block.t1]], -1)
@@ -252,7 +281,9 @@ class Qwen2Attention(nn.Module):
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
-        if ctx.cache is not None:
+        if ctx.cache is not None and ctx.write_index is not None:
+            k, v = ctx.cache.write_at(self.layer_idx, k, v, ctx.write_index)
+        elif ctx.cache is not None:
             k, v = ctx.cache.write(self.layer_idx, k, v)
         if self.hyper_index is None or ctx.cross is None:
             context = attention(q, k, v, ctx.self_mask)

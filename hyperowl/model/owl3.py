@@ -1,25 +1,68 @@
-"""`Owl3ForCausalLM`: vision tower + projector + hyper Qwen2 decoder (official `mPLUGOwl3Model` layout)."""
+"""`Owl3Model`: vision tower + projector + hyper Qwen2 decoder (official `mPLUGOwl3Model` layout).
+
+The model owns its caches (`hyperowl.model.cache`) and its checkpoint I/O (`hyperowl.model.checkpoint`);
+generation and memory policy live above it, in `hyperowl.engine`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+from typing_extensions import Self
 
 from hyperowl.config import Owl3Config
-from hyperowl.engine.cache import TextKVCache, VisualKV
-from hyperowl.engine.visual import PixelStream, VisualOptions, plan_visual_memory
 from hyperowl.errors import PromptError
+from hyperowl.model.cache import TextKVCache, VisualKV
+from hyperowl.model.checkpoint import load_checkpoint, save_checkpoint
 from hyperowl.model.decoder import CrossPlan, HyperQwen2ForCausalLM, StepContext, rotary_cos_sin
 from hyperowl.model.vision import SiglipVisionTower
 
-if TYPE_CHECKING:
-    from hyperowl.engine.generate import GenerationOutput
+M = TypeVar("M", bound="Owl3Model")
+
+
+@dataclass
+class VisualOptions:
+    """How a request's images are turned into visual K/V.
+
+    chunk_size: images encoded at once (vision tower + K/V); bounds the activation memory.
+    kv_dtype: storage dtype of the visual K/V (e.g. `torch.float8_e4m3fn`, or `torch.bfloat16` for
+        an fp32 model); None keeps the model dtype. They are cast back to the model dtype at use.
+    offload: where the engine puts the visual K/V when the model is on a GPU: "never" (on the GPU), "always"
+        (pinned CPU memory, copied to the GPU one layer at a time at use) or "auto" (on the GPU when
+        they fit the budget, else on the CPU).
+    memory_budget: bytes a request may use on the model's device (None: the free device memory;
+        on the CPU the available system memory). `offload` and `memory_budget` are policy, read by
+        the engine's planning (`hyperowl.engine.memory.plan_visual_memory`) before a prefill.
+    attention_block: most elements (batch x heads x queries x visual tokens) of one prefill
+        cross-attention block; None: 2**22 on the CPU, 2**31 on a GPU (whose kernels do not
+        materialise the scores; the bool mask of a block is `attention_block / kv_heads` bytes).
+    """
+
+    chunk_size: int = 32
+    kv_dtype: torch.dtype | None = None
+    offload: Literal["never", "auto", "always"] = "auto"
+    memory_budget: int | None = None
+    attention_block: int | None = None
+
+    def block_elements(self, device: torch.device) -> int:
+        if self.attention_block is not None:
+            return self.attention_block
+        return 2**22 if device.type == "cpu" else 2**31
+
+
+@dataclass
+class PixelStream:
+    """Pixels of `total` images arriving in chunks (`[n, 3, S, S]` tensors, in image order)."""
+
+    total: int
+    chunks: Iterable[torch.Tensor]
 
 
 @dataclass
@@ -56,11 +99,12 @@ def image_positions(counts: torch.Tensor, position_ids: torch.Tensor, first_loca
     return position_ids[after - 1] + 1
 
 
-class Owl3ForCausalLM(nn.Module):
-    """mPLUG-Owl3 for generation and training; `forward(**processor_batch)` -> `Owl3Output`.
+class Owl3Model(nn.Module):
+    """mPLUG-Owl3 (the official `mPLUGOwl3Model`): `forward(**processor_batch)` -> `Owl3Output`.
 
-    `visual_options` (`hyperowl.engine.visual.VisualOptions`) bound the memory of image input: chunk
-    size, storage dtype/place of the visual K/V, memory budget, cross-attention block size.
+    `visual_options` (`VisualOptions`) say how image input is encoded and stored: chunk size, storage
+    dtype of the visual K/V, cross-attention block size (and the engine's offload / budget policy).
+    Generation: `hyperowl.Owl3ForCausalLM`, this model plus `generate`.
     """
 
     def __init__(self, config: Owl3Config) -> None:
@@ -90,16 +134,11 @@ class Owl3ForCausalLM(nn.Module):
         pixels = pixel_values.to(self.device, self.dtype, non_blocking=True)
         return self.vision2text_model(self.vision_model(pixels))
 
-    def allocate_visual(self, num_images: list[int], prompt_tokens: int) -> VisualKV:
-        """Empty visual K/V storage for rows of `num_images[b]` images, placed as `visual_options` say.
-
-        Raises:
-            ResourceLimitError: before anything is allocated, when the images would not fit in the
-                memory budget (the message says how many would).
-        """
+    def allocate_visual(self, num_images: list[int], offload: bool = False) -> VisualKV:
+        """Empty visual K/V storage for rows of `num_images[b]` images in `visual_options.kv_dtype`: on
+        the model's device, or with `offload` (a GPU model only) in pinned CPU memory."""
         cfg, opts = self.config, self.visual_options
-        plan = plan_visual_memory(cfg, sum(num_images), prompt_tokens, self.dtype, self.device, opts)
-        offload = plan.offload and self.device.type == "cuda"
+        offload = offload and self.device.type == "cuda"
         return VisualKV.allocate(
             len(self.language_model.model.hyper_layers),
             num_images,
@@ -145,7 +184,7 @@ class Owl3ForCausalLM(nn.Module):
         `image_embeds` `[N, P, H]`; row b's images are `image_embeds[rows[b]]` at MI-Rope positions
         `positions[b]` `[len(rows[b])]`; `chunk_size` images at a time (default `visual_options`).
         """
-        visual = self.allocate_visual([len(r) for r in rows], sum(len(r) for r in rows))
+        visual = self.allocate_visual([len(r) for r in rows])
         chunk = chunk_size or self.visual_options.chunk_size
         for i in range(0, image_embeds.shape[0], chunk):
             self.write_visual(visual, image_embeds[i : i + chunk], i, rows, positions)
@@ -158,12 +197,14 @@ class Owl3ForCausalLM(nn.Module):
         position_ids: torch.Tensor,
         previous: VisualKV | None = None,
         chunk_size: int | None = None,
+        offload: bool = False,
     ) -> VisualKV:
         """Encode `pixel_values` (`[N, 3, S, S]`, or a `PixelStream` whose chunks are still being decoded)
         and build their visual K/V chunk by chunk: each chunk goes pixels -> features -> K/V of every
         hyper layer into preallocated storage, so memory holds one chunk of activations at a time.
         With `previous` (an earlier turn of the same conversations, batch 1) the new images are
-        appended after the cached ones. `chunk_size` defaults to `visual_options.chunk_size`.
+        appended after the cached ones. `chunk_size` defaults to `visual_options.chunk_size`; `offload`
+        keeps the new visual K/V in pinned CPU memory (see `allocate_visual`).
         """
         stream = pixel_values if isinstance(pixel_values, PixelStream) else PixelStream(pixel_values.shape[0], [pixel_values])
         if previous is None:
@@ -176,7 +217,7 @@ class Owl3ForCausalLM(nn.Module):
             first_local = [int(previous.num_images[0])]
         counts = media_offset[..., 1] - media_offset[..., 0]
         positions = [image_positions(counts[b], position_ids[b], first_local[b], len(r)) for b, r in enumerate(rows)]
-        visual = self.allocate_visual([len(r) for r in rows], int(media_offset.shape[0] * media_offset.shape[1]))
+        visual = self.allocate_visual([len(r) for r in rows], offload)
         chunk = chunk_size or self.visual_options.chunk_size
         done = 0
         # shown on a terminal only, and only when encoding takes more than a second
@@ -204,15 +245,16 @@ class Owl3ForCausalLM(nn.Module):
         visual: VisualKV | None = None,
         logits_to_keep: int = 0,
         vision_chunk_size: int | None = None,
-        **unused: Any,
+        offload_visual: bool = False,
     ) -> Owl3Output:
         """One forward over `input_ids` `[B, T]`.
 
         `media_offset` `[B, T, 2]` (SPEC §3) says which images each token sees; without it, every token
         sees all images of its row (the decode rule). `cache` is updated in place; `visual` is reused
         (new `pixel_values` `[N, 3, S, S]` or a `PixelStream` are appended to it, encoded
-        `vision_chunk_size` images at a time, default `visual_options.chunk_size`).
-        `labels` `[B, T]` (-100 = ignore) give a shifted CE loss. Extra batch keys are ignored.
+        `vision_chunk_size` images at a time, default `visual_options.chunk_size`, into pinned CPU memory
+        with `offload_visual`).
+        `labels` `[B, T]` (-100 = ignore) give a shifted CE loss.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -228,7 +270,7 @@ class Owl3ForCausalLM(nn.Module):
         if pixel_values is not None:
             if media_offset is None:
                 raise PromptError("pixel_values were given without media_offset")
-            visual = self.prepare_visual(pixel_values, media_offset, position_ids, visual, vision_chunk_size)
+            visual = self.prepare_visual(pixel_values, media_offset, position_ids, visual, vision_chunk_size, offload_visual)
 
         t, k_len = input_ids.shape[1], key_valid.shape[1]
         query_col = torch.arange(k_len - t, k_len, device=device)[:, None]
@@ -261,29 +303,50 @@ class Owl3ForCausalLM(nn.Module):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(device), ignore_index=-100)
         return Owl3Output(logits=logits, loss=loss, visual=visual)
 
+    def decode_plan(self, visual: VisualKV | None) -> CrossPlan | None:
+        """The cross-attention plan of a decode step over `visual` (each row sees all its images); it
+        stays the same while the rows and their images do, so `decode` steps can share it."""
+        if visual is None or not self.language_model.model.hyper_layers:
+            return None
+        counts = visual.num_images[:, None]
+        cfg = self.config
+        return CrossPlan.build(counts, visual.tokens_per_image, cfg.num_attention_heads, 0, 2**62)
+
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        cache: TextKVCache,
+        write_index: torch.Tensor,
+        visual: VisualKV | None = None,
+        cross: CrossPlan | None = None,
+    ) -> torch.Tensor:
+        """One decode step with shapes that do not change from step to step (so it can be replayed
+        from a CUDA graph): `tokens` `[B]` are written at column `write_index` (`[1]` long, on the
+        model's device) of `cache` and attend to every valid column of its whole capacity; `cross` is
+        `decode_plan(visual)`. Returns the next-token logits `[B, vocab]`.
+
+        Only `cache`'s column `write_index` (keys, values, `valid`) changes: the caller advances the
+        write index and the positions afterwards (`TextKVCache.advance`), so running the step twice
+        is harmless (CUDA-graph warm-up).
+        """
+        cache.valid.index_fill_(1, write_index, True)
+        cos, sin = rotary_cos_sin(cache.positions[:, None], self.config.head_dim, self.config.rope_theta, self.dtype)
+        ctx = StepContext(cos, sin, cache.valid[:, None, None, :], cache, visual, cross, write_index)
+        hidden = self.language_model.model(tokens[:, None], ctx)
+        return self.language_model.lm_head(hidden[:, -1])
+
     def new_cache(self, batch: int, capacity: int) -> TextKVCache:
         cfg = self.config
         return TextKVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, capacity, self.dtype, self.device)
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> GenerationOutput:
-        """Generate from a processor batch; see `hyperowl.engine.generate.generate` for the options."""
-        from hyperowl.engine.generate import generate
-
-        return generate(self, input_ids=input_ids, **kwargs)
-
     @classmethod
     def from_pretrained(
         cls, path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu"
-    ) -> Owl3ForCausalLM:
+    ) -> Self:
         """Load an official-format checkpoint (config.json + safetensors, sharded or not) from a directory
         or a Hugging Face Hub repository id such as ``mPLUG/mPLUG-Owl3-7B-241101``."""
-        from hyperowl.model.checkpoint import load_checkpoint
-
-        return load_checkpoint(path, dtype=dtype, device=device)
+        return load_checkpoint(cls, path, dtype=dtype, device=device)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
         """Write config.json and safetensors shards (with an index when sharded) in the official layout."""
-        from hyperowl.model.checkpoint import save_checkpoint
-
         save_checkpoint(self, path, max_shard_bytes=max_shard_bytes)

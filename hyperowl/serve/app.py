@@ -31,7 +31,7 @@ from hyperowl.serve.schema import ChatCompletionRequest
 from hyperowl.serve.settings import ServerSettings
 
 if TYPE_CHECKING:
-    from hyperowl.model.owl3 import Owl3ForCausalLM
+    from hyperowl.model.owl3 import Owl3Model
 
 log = logging.getLogger("hyperowl.serve")
 
@@ -152,7 +152,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(ApiError(500, f"internal error: {type(exc).__name__}", type="server_error", code="internal_error"))
 
 
-def create_app(model: Owl3ForCausalLM, processor: Owl3Processor, settings: ServerSettings) -> FastAPI:
+def create_app(model: Owl3Model, processor: Owl3Processor, settings: ServerSettings) -> FastAPI:
     """The server for `model`; its scheduler thread runs while the app's lifespan does."""
     metrics = ServerMetrics()
     scheduler = Scheduler(

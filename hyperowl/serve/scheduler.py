@@ -29,7 +29,7 @@ from hyperowl.serve.errors import ApiError, overloaded
 from hyperowl.serve.metrics import ServerMetrics
 
 if TYPE_CHECKING:
-    from hyperowl.model.owl3 import Owl3ForCausalLM
+    from hyperowl.model.owl3 import Owl3Model
 
 log = logging.getLogger("hyperowl.serve")
 
@@ -212,7 +212,7 @@ class Scheduler:
 
     def __init__(
         self,
-        model: Owl3ForCausalLM,
+        model: Owl3Model,
         decode: Callable[[list[int]], str],
         stop_ids: list[int],
         metrics: ServerMetrics,

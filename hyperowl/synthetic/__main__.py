@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from hyperowl.cli import resolve_device
+    from hyperowl.engine.generate import Owl3ForCausalLM
     from hyperowl.eval.baseline import LlavaBaseline, is_llava_checkpoint
-    from hyperowl.model.owl3 import Owl3ForCausalLM
     from hyperowl.processing.processor import Owl3Processor
 
     device = resolve_device(args.device)

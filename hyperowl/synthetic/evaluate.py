@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hyperowl.model.owl3 import Owl3ForCausalLM
+from hyperowl.engine.generate import Owl3ForCausalLM
 from hyperowl.processing.processor import Owl3Processor
 from hyperowl.synthetic.tasks import Sample, TaskOptions, make_sample
 

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hyperowl.config import PRESETS, Owl3Config, VisionConfig
-from hyperowl.model.owl3 import Owl3ForCausalLM
+from hyperowl.engine.generate import Owl3ForCausalLM
 from hyperowl.processing.processor import Owl3Processor
 from hyperowl.processing.tokenizer import ENDOFTEXT, IM_END, train_tokenizer
 from hyperowl.synthetic.tasks import TaskOptions, corpus

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from hyperowl.engine.generate import Owl3ForCausalLM
 from hyperowl.hub import checkpoint_dir
-from hyperowl.model.owl3 import Owl3ForCausalLM
 from hyperowl.processing.processor import IGNORE_INDEX, Owl3Processor
 from hyperowl.synthetic.tasks import TaskMixture, TaskOptions
 from hyperowl.train.config import RecipeError, TrainConfig

@@ -1,12 +1,11 @@
-"""Memory-bounded visual input for long videos and many images.
+"""Memory policy for visual input: whether a request's images fit, and where their visual K/V go.
 
-Frames go through the model in chunks: pixels -> vision tower -> projector -> visual K/V of every
-hyper layer, written into preallocated `VisualKV` storage; only one chunk of activations exists at a
-time. `VisualOptions` sets the chunk size, the storage precision and place of the visual K/V, the
-memory budget and the size of a prefill cross-attention block. `plan_visual_memory` checks a request
-against the budget before anything is encoded and raises `ResourceLimitError` saying how many frames
-fit. `PixelStream` carries frames whose pixels are still being produced (decoded in a background
-thread by `prefetch`, see `hyperowl.engine.longvideo`).
+The model encodes frames in chunks (pixels -> vision tower -> projector -> visual K/V of every hyper
+layer, written into preallocated `VisualKV` storage), so one chunk of activations exists at a time.
+`plan_visual_memory` checks a request against the memory budget of `VisualOptions` before anything is
+encoded and raises `ResourceLimitError` saying how many frames fit; the engine calls it before every
+prefill with images. `prefetch` produces the chunks of a `PixelStream` in a background thread (see
+`hyperowl.engine.longvideo`).
 """
 
 from __future__ import annotations
@@ -16,54 +15,18 @@ import queue
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
 from hyperowl.errors import ResourceLimitError
+from hyperowl.model.owl3 import VisualOptions
 
 if TYPE_CHECKING:
     from hyperowl.config import Owl3Config
 
 T = TypeVar("T")
 GIB = 2**30
-
-
-@dataclass
-class VisualOptions:
-    """How a request's images are turned into visual K/V.
-
-    chunk_size: images encoded at once (vision tower + K/V); bounds the activation memory.
-    kv_dtype: storage dtype of the visual K/V (e.g. `torch.float8_e4m3fn`, or `torch.bfloat16` for
-        an fp32 model); None keeps the model dtype. They are cast back to the model dtype at use.
-    offload: where the visual K/V live when the model is on a GPU: "never" (on the GPU), "always"
-        (pinned CPU memory, copied to the GPU one layer at a time at use) or "auto" (on the GPU when
-        they fit the budget, else on the CPU).
-    memory_budget: bytes the request may use on the model's device (None: the free device memory;
-        on the CPU the available system memory).
-    attention_block: most elements (batch x heads x queries x visual tokens) of one prefill
-        cross-attention block; None: 2**22 on the CPU, 2**31 on a GPU (whose kernels do not
-        materialise the scores; the bool mask of a block is `attention_block / kv_heads` bytes).
-    """
-
-    chunk_size: int = 32
-    kv_dtype: torch.dtype | None = None
-    offload: Literal["never", "auto", "always"] = "auto"
-    memory_budget: int | None = None
-    attention_block: int | None = None
-
-    def block_elements(self, device: torch.device) -> int:
-        if self.attention_block is not None:
-            return self.attention_block
-        return 2**22 if device.type == "cpu" else 2**31
-
-
-@dataclass
-class PixelStream:
-    """Pixels of `total` images arriving in chunks (`[n, 3, S, S]` tensors, in image order)."""
-
-    total: int
-    chunks: Iterable[torch.Tensor]
 
 
 @dataclass

@@ -69,6 +69,20 @@ class TextKVCache:
         self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def write_at(self, layer: int, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store `k`, `v` `[batch, kv_heads, 1, head_dim]` of `layer` at column `index` (`[1]` long, on the
+        cache's device, so the write needs no host value); return the whole buffers `[batch, kv_heads,
+        capacity, head_dim]` (columns not marked `valid` must be masked by the caller)."""
+        self.keys[layer].index_copy_(2, index, k)
+        self.values[layer].index_copy_(2, index, v)
+        return self.keys[layer], self.values[layer]
+
+    def advance(self) -> None:
+        """After a decode step at column `length` (`Owl3Model.decode`): the next goes one column and one
+        position further."""
+        self.length += 1
+        self.positions += 1
+
     def end_step(self, attention_mask: torch.Tensor) -> None:
         """Advance the write index and the per-row positions after a forward of `attention_mask` columns."""
         self.length += attention_mask.shape[1]
