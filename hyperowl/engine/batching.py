@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from hyperowl.engine.generate import DecodeStep
 from hyperowl.model.cache import TextKVCache, VisualKV
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class DecodeBatch:
         self.model = model
         self.cache: TextKVCache | None = None
         self.visual: VisualKV | None = None
+        self._step: DecodeStep | None = None  # for the current rows; rebuilt when they change
 
     @property
     def size(self) -> int:
@@ -60,6 +62,7 @@ class DecodeBatch:
 
     def join(self, cache: TextKVCache, visual: VisualKV | None) -> None:
         """Append the rows of a prefilled `cache` (with `visual`, or None when it has no images)."""
+        self._step = None
         if self.cache is None:
             self.cache, self.visual = cache, visual
             return
@@ -70,6 +73,7 @@ class DecodeBatch:
         """Keep only `rows` (indices into the current rows, in order)."""
         if self.cache is None or rows == list(range(self.size)):
             return
+        self._step = None
         if not rows:
             self.cache = self.visual = None
             return
@@ -82,5 +86,6 @@ class DecodeBatch:
         """Feed one token per row (`[B]`) and return the next-token logits `[B, vocab]`."""
         if self.cache is None:
             raise RuntimeError("step() on an empty batch")
-        out = self.model(tokens.to(self.model.device)[:, None], cache=self.cache, visual=self.visual, logits_to_keep=1)
-        return out.logits[:, -1]
+        if self._step is None:
+            self._step = DecodeStep(self.model, self.cache, self.visual)
+        return self._step(tokens.to(self.model.device))

@@ -1,0 +1,69 @@
+"""The static-shape decode step (`Owl3Model.decode`, `DecodeStep`) against the model's plain forward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from hyperowl.engine.generate import DecodeStep, generate, prefill
+from tests.test_long_video import many_images_batch
+from tests.tiny import random_model, tiny_config
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["gated", "fused"])
+@pytest.mark.parametrize("counts", [(5, 0, 3), (0,), (4,)], ids=["padded-mixed", "text-only", "one-row"])
+def test_decode_step_equals_forward_step(fused, counts):
+    """Five greedy steps: the decode step (whole-capacity attention at a device-side column) and the
+    forward (appending to the cache) give the same logits, after a prefill into a roomy cache."""
+    model = random_model(tiny_config(fused_hyper_attention=fused), seed=3)
+    batch = many_images_batch(model, counts, seed=5)
+    if not any(counts):
+        batch["pixel_values"] = None
+    logits, cache, visual = prefill(model, **batch, extra_tokens=9)
+    ref_cache, ref_visual = copy.deepcopy(cache), copy.deepcopy(visual)
+    step = DecodeStep(model, cache, visual)
+    ours_token = theirs_token = logits.argmax(-1)
+    with torch.no_grad():
+        for _ in range(5):
+            ours = step(ours_token)
+            theirs = model(theirs_token[:, None], cache=ref_cache, visual=ref_visual, logits_to_keep=1).logits[:, -1]
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+            ours_token, theirs_token = ours.argmax(-1), theirs.argmax(-1)
+            assert torch.equal(ours_token, theirs_token)
+    assert cache.length == ref_cache.length
+    torch.testing.assert_close(cache.positions, ref_cache.positions)
+
+
+def test_generate_greedy_equals_step_by_step_forward_without_cache():
+    """`generate` (decode steps) picks the argmax of a full forward over the growing sequence."""
+    model = random_model(tiny_config(fused_hyper_attention=False), seed=4)
+    batch = many_images_batch(model, (3,), seed=2)
+    out = generate(model, **batch, max_new_tokens=6, stop_token_ids=[])
+    ids, offsets = batch["input_ids"], batch["media_offset"]
+    with torch.no_grad():
+        for t in range(6):
+            logits = model(ids, media_offset=offsets, pixel_values=batch["pixel_values"]).logits[:, -1]
+            token = logits.argmax(-1)
+            assert int(token) == int(out.sequences[0, t])
+            ids = torch.cat([ids, token[:, None]], 1)
+            offsets = torch.cat([offsets, offsets[:, -1:]], 1)
+
+
+def test_graphs_need_a_cuda_model():
+    model = random_model()
+    cache = model.new_cache(1, 4)
+    with pytest.raises(ValueError, match="CUDA graphs need a model on a CUDA device"):
+        DecodeStep(model, cache, None, graph=True)
+
+
+def test_graph_on_a_full_cache_is_refused_before_writing():
+    """A graphed step cannot grow its buffers: a full cache is an error, not a silent overwrite."""
+    model = random_model()
+    cache = model.new_cache(1, 2)
+    step = DecodeStep(model, cache, None)
+    step.use_graph = True  # exercise the capacity check without a GPU
+    cache.length = 2
+    with pytest.raises(RuntimeError, match="text cache is full"):
+        step(torch.zeros(1, dtype=torch.long))
