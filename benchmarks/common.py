@@ -5,6 +5,7 @@ with hyperowl), prompts, timers and a peak-memory meter."""
 from __future__ import annotations
 
 import copy
+import math
 import platform
 import time
 import weakref
@@ -146,6 +147,27 @@ def llava_baseline(owl: Owl3ForCausalLM, image_token_id: int = IMAGE_ID) -> nn.M
     embeddings = llava.model.vision_tower.embeddings
     embeddings.position_ids = torch.arange(embeddings.position_ids.shape[-1], device=owl.device)[None]
     return llava.eval()
+
+
+def pooled_baseline_logits(llava: nn.Module, frames: torch.Tensor) -> torch.Tensor:
+    """Next-token logits `[vocab]` of the pooled token-concatenation design (LLaVA-Video /
+    LLaVA-OneVision): every frame's tower features (hidden_states[-2]) go through the projector, are
+    pooled 2x2 (bilinear, a 27x27 grid -> 14x14 = 196 tokens per 384-pixel frame, as LLaVA-OneVision's
+    video pooling does) and are inserted into the Qwen2 sequence between the same prompt texts as the
+    other systems. `llava` is `llava_baseline(...)`: the same tower, LLM and head as hyperowl."""
+    tower, projector = llava.model.vision_tower, llava.model.multi_modal_projector
+    language = llava.model.language_model
+    device = llava.lm_head.weight.device
+    features = projector(tower(frames.to(device, non_blocking=True), output_hidden_states=True).hidden_states[-2])
+    n, p, hidden = features.shape
+    side = math.isqrt(p)
+    grid = features.transpose(1, 2).reshape(n, hidden, side, side)
+    pooled = torch.nn.functional.interpolate(grid, size=(math.ceil(side / 2),) * 2, mode="bilinear", align_corners=False)
+    visual = pooled.flatten(2).transpose(1, 2).reshape(1, -1, hidden)
+    text = language.embed_tokens(torch.full((1, TEXT_BEFORE + TEXT_AFTER), 11, dtype=torch.long, device=device))
+    inputs = torch.cat([text[:, :TEXT_BEFORE], visual.to(text.dtype), text[:, TEXT_BEFORE:]], 1)
+    last = language(inputs_embeds=inputs, use_cache=True).last_hidden_state[:, -1]
+    return llava.lm_head(last)[0]
 
 
 def owl3_batch(n: int, device: torch.device) -> dict[str, torch.Tensor]:

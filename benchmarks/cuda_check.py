@@ -1,18 +1,21 @@
 """CUDA correctness check of the long-input paths against the fp32 CPU model (tiny random config):
 chunked encoding, blocked cross-attention (mem-efficient/flash kernels on the GPU), pinned-CPU
-offload, fp8/bf16 visual K/V storage, bf16 model, greedy generation. Exit code 1 on any failure.
+offload, fp8/bf16 visual K/V storage, bf16 model, greedy generation, CUDA-graph decode steps against
+eager ones; then the 7B-shaped model in bf16 against the same model in fp32 (greedy tokens on random
+prompts with images). Exit code 1 on any failure.
 
-    python -m benchmarks.cuda_check
+    python -m benchmarks.cuda_check [--parity-prompts 10 --parity-tokens 32]
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 
 import torch
 
 from hyperowl.config import PRESETS
-from hyperowl.engine.generate import Owl3ForCausalLM
+from hyperowl.engine.generate import DecodeStep, Owl3ForCausalLM, prefill
 from hyperowl.model.owl3 import VisualOptions
 
 IMG = 7
@@ -53,7 +56,57 @@ def batch(model: Owl3ForCausalLM, device: str) -> dict[str, torch.Tensor]:
     return {k: v.to(device) if k != "pixel_values" else v for k, v in out.items()}
 
 
-def main() -> int:
+def graph_matches_eager(model: Owl3ForCausalLM, inputs: dict[str, torch.Tensor], steps: int = 6) -> tuple[float, bool]:
+    """Largest |logit difference| between graphed and eager decode steps from the same prefill, and
+    whether their greedy tokens agree at every step."""
+    logits, cache, visual = prefill(model, **inputs, extra_tokens=steps + 1)
+    twin_cache, twin_visual = copy.deepcopy(cache), copy.deepcopy(visual)
+    eager, graphed = DecodeStep(model, cache, visual), DecodeStep(model, twin_cache, twin_visual, graph=True)
+    a = b = logits.argmax(-1)
+    worst, same = 0.0, True
+    for _ in range(steps):
+        la, lb = eager(a), graphed(b).clone()
+        worst = max(worst, float((la.float() - lb.float()).abs().max()))
+        a, b = la.argmax(-1), lb.argmax(-1)
+        same &= torch.equal(a, b)
+    return worst, same
+
+
+def parity_7b(prompts: int, tokens: int, frames: int = 4) -> tuple[int, list[int]]:
+    """The 7B-shaped random model in bf16 against itself in fp32 (TF32 off), both on the GPU: for each
+    random prompt with `frames` random frames, how many of the first `tokens` greedy tokens agree before
+    the first difference. Returns (prompts agreeing on all tokens, agreeing prefix per prompt)."""
+    config = copy.deepcopy(PRESETS["7b"])
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        fp32 = Owl3ForCausalLM(config).eval()
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(7)
+    size = config.vision_config.image_size
+    prefixes = []
+    for _ in range(prompts):
+        ids = torch.randint(100, 150000, (1, 24 + frames), generator=g)
+        ids[0, 8 : 8 + frames] = IMG
+        is_img = ids == IMG
+        seen = torch.cumsum(is_img, 1) - is_img.long()
+        batch = {"input_ids": ids.cuda(), "media_offset": torch.stack([torch.zeros_like(seen), seen], -1).cuda()}
+        pixels = torch.randn(frames, 3, size, size, generator=g)
+        outs = [
+            m.generate(**batch, pixel_values=pixels.to(m.dtype), max_new_tokens=tokens, stop_token_ids=[]).sequences[0].cpu()
+            for m in (fp32, bf16)
+        ]
+        differ = (outs[0] != outs[1]).nonzero()
+        prefixes.append(int(differ[0]) if len(differ) else tokens)
+    del fp32, bf16
+    torch.cuda.empty_cache()
+    return sum(p == tokens for p in prefixes), prefixes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parity-prompts", type=int, default=10, help="7B bf16-vs-fp32 prompts (0 skips the check)")
+    parser.add_argument("--parity-tokens", type=int, default=32)
+    args = parser.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     failures = 0
@@ -88,6 +141,25 @@ def main() -> int:
         failures += not ok
         print(
             f"{'PASS' if ok else 'FAIL'} {'fused' if fused else 'gated'} greedy generation CUDA == CPU: {got.sequences.tolist()}"
+        )
+        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+            gpu.to(dtype)
+            inputs = {k: v.cuda() if k != "pixel_values" else v.to(dtype) for k, v in batch(cpu, "cpu").items()}
+            worst, same = graph_matches_eager(gpu, inputs)
+            ok = same and worst <= tol
+            failures += not ok
+            print(
+                f"{'PASS' if ok else 'FAIL'} {'fused' if fused else 'gated'} {str(dtype)[6:]} CUDA-graph decode == eager: "
+                f"max |logit diff| {worst:.2e} (tol {tol}), greedy tokens {'equal' if same else 'differ'}"
+            )
+        gpu.float()
+    if args.parity_prompts:
+        agree, prefixes = parity_7b(args.parity_prompts, args.parity_tokens)
+        ok = agree >= 0.9 * args.parity_prompts
+        failures += not ok
+        print(
+            f"{'PASS' if ok else 'FAIL'} 7b bf16 vs fp32 greedy tokens: {agree}/{args.parity_prompts} prompts agree on all "
+            f"{args.parity_tokens} tokens (agreeing prefix per prompt: {prefixes})"
         )
     print("cuda_check:", "all passed" if not failures else f"{failures} failed")
     return 1 if failures else 0
