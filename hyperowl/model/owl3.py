@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,6 @@ from hyperowl.model.cache import TextKVCache, VisualKV
 from hyperowl.model.checkpoint import load_checkpoint, save_checkpoint
 from hyperowl.model.decoder import CrossPlan, HyperQwen2ForCausalLM, StepContext, rotary_cos_sin
 from hyperowl.model.vision import SiglipVisionTower
-
-M = TypeVar("M", bound="Owl3Model")
 
 
 @dataclass
