@@ -17,7 +17,7 @@ from hyperowl.hub import checkpoint_dir
 from hyperowl.processing.chat import Message, message_text, part_media, render_chat_with_spans
 from hyperowl.processing.image import DEFAULT_MAX_PIXELS, cut_image, cut_placeholder, image_to_tensor, load_image
 from hyperowl.processing.tokenizer import ENDOFTEXT, IM_END, IMAGE_TOKEN, VIDEO_TOKEN, load_tokenizer, single_token_id
-from hyperowl.processing.video import VideoClip, load_video
+from hyperowl.processing.video import FILE_MAX_FRAMES, VideoClip, load_video
 
 _MEDIA_PATTERN = re.compile(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}")
 
@@ -66,7 +66,8 @@ class Owl3Processor:
         cut_enable: cut images into tiles + a global view (video frames are never cut).
         max_pixels: largest accepted image ``width * height``.
         video_fps: frames per second sampled from videos before the ``max_frames`` cap.
-        max_frames: most frames kept per video.
+        max_frames: most frames kept per video file. A video given as a list of frames keeps all
+            its frames (as the official processor does) unless a call passes ``max_frames``.
     """
 
     def __init__(
@@ -76,7 +77,7 @@ class Owl3Processor:
         cut_enable: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         video_fps: float = 1.0,
-        max_frames: int = 16,
+        max_frames: int = FILE_MAX_FRAMES,
     ) -> None:
         image_token_id = single_token_id(tokenizer, IMAGE_TOKEN)
         if image_token_id is None:
@@ -161,7 +162,9 @@ class Owl3Processor:
                 the ``"image"`` values of the messages' image parts.
             videos: like ``images`` for ``<|video|>``; a video is a file (path/bytes), a list of
                 frames, or a :class:`VideoClip`.
-            cut_enable, max_frames, fps: per-call overrides of the processor settings.
+            cut_enable, fps: per-call overrides of the processor settings.
+            max_frames: cap on the frames of every video of this call, files and frame lists; None:
+                files keep the processor's ``max_frames``, frame lists all their frames.
             add_generation_prompt: end with an open assistant turn when the conversation does not
                 end with an assistant answer.
             return_labels: add ``labels`` (token ids inside assistant answers, -100 elsewhere).
@@ -179,7 +182,6 @@ class Owl3Processor:
         image_lists = _per_sample(images, conversations, is_batch, "image")
         video_lists = _per_sample(videos, conversations, is_batch, "video")
         cut = self.cut_enable if cut_enable is None else cut_enable
-        frames_cap = self.max_frames if max_frames is None else max_frames
         sample_fps = self.video_fps if fps is None else fps
 
         views: list[Image.Image] = []
@@ -196,7 +198,7 @@ class Owl3Processor:
             _check_count(joined.count(VIDEO_TOKEN), len(sample_videos), "video", index, is_batch)
             first_image.append(len(views))
             expanded_texts, sample_views, timestamps = self._expand_media(
-                texts, sample_images, sample_videos, cut, sample_fps, frames_cap
+                texts, sample_images, sample_videos, cut, sample_fps, max_frames
             )
             views.extend(sample_views)
             frame_timestamps.append(timestamps)
@@ -234,14 +236,15 @@ class Owl3Processor:
         videos: list[Any],
         cut: bool,
         fps: float,
-        max_frames: int,
+        max_frames: int | None,
     ) -> tuple[list[str], list[Image.Image], list[list[float]]]:
         """Load one conversation's media and expand its placeholders, in order of appearance.
 
         Returns:
             ``(texts, views, timestamps)``: the message texts with each cut image's ``<|image|>``
             replaced by :func:`cut_placeholder` and each ``<|video|>`` by one ``<|image|>`` per
-            frame; every view (tile, global view, frame, uncut image) in token order; and the
+            frame (a file capped at ``max_frames`` or else the processor's ``max_frames``, a frame list
+            at ``max_frames`` or not at all); every view (tile, global view, frame, uncut image) in token order; and the
             frame times of each video.
         """
         image_iter, video_iter = iter(images), iter(videos)
@@ -258,7 +261,12 @@ class Owl3Processor:
                 views.extend(tiles)
                 return cut_placeholder(rows, cols)
             video = next(video_iter)
-            clip = video if isinstance(video, VideoClip) else load_video(video, fps=fps, max_frames=max_frames)
+            if isinstance(video, VideoClip):
+                clip = video
+            else:
+                is_file = isinstance(video, (str, Path, bytes, bytearray))
+                cap = self.max_frames if max_frames is None and is_file else max_frames
+                clip = load_video(video, fps=fps, max_frames=cap)
             views.extend(clip.frames)
             timestamps.append(list(clip.timestamps))
             return IMAGE_TOKEN * len(clip)
