@@ -114,13 +114,20 @@ def check_names_and_shapes(model: Owl3ForCausalLM, shapes: dict[str, tuple[int, 
         raise CheckpointError("checkpoint does not match the config: " + "; ".join(problems))
 
 
+def is_fused_checkpoint(path: Path, config: Owl3Config | None = None) -> bool:
+    """Whether the checkpoint is the fused 7B-241101 variant: ``config.json``'s ``fused_hyper_attention``
+    when set, else no hyper-attention gate among the tensor names (7B-240728 has one per hyper layer, SPEC §2)."""
+    config = config or Owl3Config.from_pretrained(path)
+    if config.fused_hyper_attention is not None:
+        return bool(config.fused_hyper_attention)
+    return not any(GATE.search(n) for n in tensor_files(path))
+
+
 def load_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu") -> Owl3ForCausalLM:
     path = checkpoint_dir(path)
     config = Owl3Config.from_pretrained(path)
     files = tensor_files(path)
-    if config.fused_hyper_attention is None:
-        # 7B-240728 has a gate per hyper layer; 7B-241101 fuses visual and text K/V and has none (SPEC §2).
-        config.fused_hyper_attention = not any(GATE.search(n) for n in files)
+    config.fused_hyper_attention = is_fused_checkpoint(path, config)
     target = resolve_dtype(dtype, config)
     with torch.device("meta"), uninitialised_weights():
         model = Owl3ForCausalLM(config)

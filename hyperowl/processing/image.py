@@ -16,7 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from hyperowl.errors import MediaError
-from hyperowl.processing.tokenizer import IMAGE_TOKEN
+from hyperowl.processing.tokenizer import END_CUT, IMAGE_TOKEN, START_CUT
 
 ImageSource = str | Path | bytes | Image.Image | np.ndarray
 
@@ -176,11 +176,17 @@ def cut_image(image: Image.Image, cell: int) -> tuple[list[Image.Image], tuple[i
     return views, (rows, cols)
 
 
-def cut_placeholder(rows: int, cols: int) -> str:
+def cut_placeholder(rows: int, cols: int, prompt_format: str = "240728") -> str:
     """Text that replaces a cut image's ``<|image|>``: one ``<|image|>`` per tile, then the global view's.
 
-    verify: tile indices are 0-based ``subimg(row,col)`` as in the official ``range(h)``/``range(w)`` template.
+    ``"240728"`` (the official ``v2_global`` template): ``Cut to {rows} rows {cols} columns with a
+    global view`` and 0-based ``subimg(i,j)`` labels. ``"241101"`` (``v3_global``, SPEC §4b):
+    ``<|start_cut|>{rows}*{cols}``, the rows of bare ``<|image|>``, the global view's ``<|image|>``
+    and ``<|end_cut|>``.
     """
+    if prompt_format == "241101":
+        grid = "\n".join(" ".join([IMAGE_TOKEN] * cols) for _ in range(rows))
+        return f"{START_CUT}{rows}*{cols}\n{grid}\n{IMAGE_TOKEN}{END_CUT}"
     grid = "\n".join(" ".join(f"subimg({i},{j}){IMAGE_TOKEN}" for j in range(cols)) for i in range(rows))
     return f"Cut to {rows} rows {cols} columns with a global view\n{grid}\nglobal_view{IMAGE_TOKEN}"
 

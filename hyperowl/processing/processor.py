@@ -16,13 +16,28 @@ from hyperowl.errors import CheckpointError, PromptError
 from hyperowl.hub import checkpoint_dir
 from hyperowl.processing.chat import Message, message_text, part_media, render_chat_with_spans
 from hyperowl.processing.image import DEFAULT_MAX_PIXELS, cut_image, cut_placeholder, image_to_tensor, load_image
-from hyperowl.processing.tokenizer import ENDOFTEXT, IM_END, IMAGE_TOKEN, VIDEO_TOKEN, load_tokenizer, single_token_id
+from hyperowl.processing.tokenizer import (
+    END_VIDEO_FRAME,
+    ENDOFTEXT,
+    IM_END,
+    IMAGE_TOKEN,
+    MARKERS_241101,
+    START_VIDEO_FRAME,
+    VIDEO_TOKEN,
+    load_tokenizer,
+    single_token_id,
+)
 from hyperowl.processing.video import FILE_MAX_FRAMES, VideoClip, load_video
 
 _MEDIA_PATTERN = re.compile(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}")
 
 #: Label value ignored by the loss.
 IGNORE_INDEX = -100
+
+#: Prompt formats of the official releases. "241101" follows the 241101 model card and a public port of
+#: its image processor (templates ``v3_global`` and the video-frame span); unverified against the
+#: released 241101 tokenizer (the marker ids) and its remote modeling code, of which no public copy is known.
+PROMPT_FORMATS: tuple[str, ...] = ("240728", "241101")
 
 
 class Owl3Batch(dict):
@@ -68,6 +83,10 @@ class Owl3Processor:
         video_fps: frames per second sampled from videos before the ``max_frames`` cap.
         max_frames: most frames kept per video file. A video given as a list of frames keeps all
             its frames (as the official processor does) unless a call passes ``max_frames``.
+        prompt_format: ``"240728"`` (cut images as ``Cut to ... subimg(i,j)<|image|> ...``, video
+            frames as bare ``<|image|>``) or ``"241101"`` (SPEC §4b: ``<|start_cut|>`` ... ``<|end_cut|>``,
+            frames between ``<|start_video_frame|>`` and ``<|end_video_frame|>``; the tokenizer must
+            hold those markers as single tokens). Both cut every image of a message, each to its own grid.
     """
 
     def __init__(
@@ -78,6 +97,7 @@ class Owl3Processor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         video_fps: float = 1.0,
         max_frames: int = FILE_MAX_FRAMES,
+        prompt_format: str = "240728",
     ) -> None:
         image_token_id = single_token_id(tokenizer, IMAGE_TOKEN)
         if image_token_id is None:
@@ -87,6 +107,11 @@ class Owl3Processor:
             raise CheckpointError(f"the tokenizer has no usable pad token (nor {ENDOFTEXT} as one token)")
         if image_size < 1:
             raise ValueError(f"image_size must be positive, got {image_size}")
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}; got {prompt_format!r}")
+        if prompt_format == "241101" and not has_241101_markers(tokenizer):
+            raise CheckpointError(f"prompt_format 241101 needs the tokens {', '.join(MARKERS_241101)}; the tokenizer lacks some")
+        self.prompt_format = prompt_format
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.cut_enable = cut_enable
@@ -97,11 +122,22 @@ class Owl3Processor:
         self._pad_token_id = pad_id
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **overrides: Any) -> Owl3Processor:
+    def from_pretrained(cls, path: str | Path, prompt_format: str | None = None, **overrides: Any) -> Owl3Processor:
         """Build from a checkpoint directory (or Hub repository id): its tokenizer files and ``config.json``'s
-        ``vision_config.image_size``; keyword ``overrides`` replace constructor arguments."""
+        ``vision_config.image_size``; keyword ``overrides`` replace constructor arguments.
+
+        ``prompt_format`` None chooses from the checkpoint: ``"241101"`` when the tokenizer holds the
+        241101 media markers as single tokens and the model is the fused variant (``config.json``
+        says so, or the weights have no hyper-attention ``gate_proj``), else ``"240728"``.
+        """
         path = checkpoint_dir(path)
         tokenizer = load_tokenizer(path)
+        if prompt_format is None:
+            from hyperowl.model.checkpoint import is_fused_checkpoint  # noqa: PLC0415 (keeps processing free of the model at import)
+
+            fused = has_241101_markers(tokenizer) and is_fused_checkpoint(path)
+            prompt_format = "241101" if fused else "240728"
+        overrides["prompt_format"] = prompt_format
         if "image_size" not in overrides:
             config_file = path / "config.json"
             try:
@@ -259,7 +295,7 @@ class Owl3Processor:
                     return IMAGE_TOKEN
                 tiles, (rows, cols) = cut_image(image, self.image_size)
                 views.extend(tiles)
-                return cut_placeholder(rows, cols)
+                return cut_placeholder(rows, cols, self.prompt_format)
             video = next(video_iter)
             if isinstance(video, VideoClip):
                 clip = video
@@ -269,9 +305,16 @@ class Owl3Processor:
                 clip = load_video(video, fps=fps, max_frames=cap)
             views.extend(clip.frames)
             timestamps.append(list(clip.timestamps))
+            if self.prompt_format == "241101":
+                return START_VIDEO_FRAME + IMAGE_TOKEN * len(clip) + END_VIDEO_FRAME
             return IMAGE_TOKEN * len(clip)
 
         return [_MEDIA_PATTERN.sub(expand, text) for text in texts], views, timestamps
+
+
+def has_241101_markers(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer encodes every 241101 media marker (:data:`MARKERS_241101`) as one token."""
+    return all(single_token_id(tokenizer, marker) is not None for marker in MARKERS_241101)
 
 
 def _split_batch(messages: Any) -> tuple[list[Sequence[Message]], bool]:
