@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hyperowl.config import GenerationConfig
 from hyperowl.engine.cache import TextKVCache, VisualKV
 from hyperowl.engine.sampling import SamplingParams, sample_row
 
@@ -39,12 +40,14 @@ def default_stop_ids(model: Owl3ForCausalLM) -> list[int]:
     return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
 
 
-def make_params(params: SamplingParams | None, **kwargs: Any) -> SamplingParams:
-    """`SamplingParams` from an object or from transformers-style keyword arguments."""
+def make_params(params: SamplingParams | None, defaults: GenerationConfig | None = None, **kwargs: Any) -> SamplingParams:
+    """`SamplingParams` from an object, or from transformers-style keyword arguments over `defaults`
+    (the model's generation config): each keyword given (not None) replaces its default, as in
+    transformers' `generate` (so `temperature=0.5` alone does not turn sampling on)."""
     if params is not None:
         return params
     known = {k: v for k, v in kwargs.items() if k in SamplingParams.__dataclass_fields__ and v is not None}
-    return SamplingParams(**known)
+    return SamplingParams(**{**(defaults or GenerationConfig()).sampling_kwargs(), **known})
 
 
 #: The keys of a processor batch that `prefill` and the model take.
@@ -153,8 +156,9 @@ def generate(
     **sampling: Any,
 ) -> GenerationOutput:
     """Generate for a processor batch. Sampling options as keywords (`max_new_tokens`, `do_sample`,
-    `temperature`, `top_p`, `top_k`, `repetition_penalty`, `seed`) or as `params`."""
-    params = make_params(params, **sampling)
+    `temperature`, `top_p`, `top_k`, `repetition_penalty`, `seed`) over the model's `generation_config`,
+    or as `params`."""
+    params = make_params(params, model.generation_config, **sampling)
     stops = stop_token_ids if stop_token_ids is not None else default_stop_ids(model)
     state: dict[str, Any] = {}
     start = time.perf_counter()

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from hyperowl.config import Owl3Config
+from hyperowl.config import GenerationConfig, Owl3Config
 from hyperowl.errors import CheckpointError
 from hyperowl.hub import checkpoint_dir
 from hyperowl.model.owl3 import Owl3ForCausalLM
@@ -150,6 +150,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | str | None = None, de
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    model.generation_config = GenerationConfig.from_pretrained(path)
     return model.eval()
 
 

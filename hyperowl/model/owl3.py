@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from hyperowl.config import Owl3Config
+from hyperowl.config import GenerationConfig, Owl3Config
 from hyperowl.engine.cache import TextKVCache, VisualKV
 from hyperowl.engine.visual import PixelStream, VisualOptions, plan_visual_memory
 from hyperowl.errors import PromptError
@@ -71,6 +71,8 @@ class Owl3ForCausalLM(nn.Module):
         self.vision2text_model = nn.Linear(config.vision_config.hidden_size, config.hidden_size, bias=True)
         self.language_model = HyperQwen2ForCausalLM(config, fused)
         self.visual_options = VisualOptions()
+        #: Sampling defaults of `generate`, `hyperowl chat` and `serve` (the checkpoint's generation_config.json).
+        self.generation_config = GenerationConfig()
 
     @property
     def device(self) -> torch.device:
