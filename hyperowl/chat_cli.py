@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from hyperowl.cli import add_model_arguments, load_model_and_processor
-from hyperowl.engine.chat import ChatSession
 from hyperowl.config import GenerationConfig
+from hyperowl.engine.chat import ChatSession
 from hyperowl.engine.sampling import SamplingParams
 from hyperowl.errors import HyperowlError
 
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 def sampling_params(args: argparse.Namespace, defaults: GenerationConfig) -> SamplingParams:
     """The flags given over the model's generation defaults; a given --temperature also sets sampling
     on (> 0) or off (0)."""
-    values = {**{"max_new_tokens": DEFAULT_MAX_NEW_TOKENS}, **defaults.sampling_kwargs()}
+    values = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, **defaults.sampling_kwargs()}
     flags = {
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,

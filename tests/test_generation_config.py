@@ -71,7 +71,7 @@ def test_generate_uses_the_checkpoint_defaults(sampled_checkpoint, tiny_checkpoi
     assert model.generation_config.sampling_kwargs() == OFFICIAL_PARAMS
     assert Owl3ForCausalLM.from_pretrained(tiny_checkpoint).generation_config == GenerationConfig()
     ids = Owl3Processor.from_pretrained(sampled_checkpoint)([{"role": "user", "content": "What colour is the square?"}]).input_ids
-    run = dict(max_new_tokens=12, stop_token_ids=[])
+    run = {"max_new_tokens": 12, "stop_token_ids": []}
     sampled = model.generate(ids, seed=5, **run).sequences
     expected = model.generate(ids, params=SamplingParams(max_new_tokens=12, seed=5, **OFFICIAL_PARAMS), stop_token_ids=[]).sequences
     torch.testing.assert_close(sampled, expected, rtol=0, atol=0)

@@ -53,8 +53,8 @@ def rank(width: int, height: int) -> int:
 
 def official_rank(code_dir: Path):
     """The official ``anchor_rank`` as a function ``(width, height) -> anchor index``."""
-    sys.path.insert(0, str(str(Path(__file__).resolve().parent)))
-    from official_env import import_official  # noqa: PLC0415
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from official_env import import_official
 
     processing = import_official(code_dir, "image_processing_mplugowl3")
     resizer = processing.AnchorResize(image_size=(CELL, CELL), anchors=ANCHORS)

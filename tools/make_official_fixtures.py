@@ -42,7 +42,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from official_env import import_official  # noqa: E402
+from official_env import import_official
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "official"
 #: "!" first, so that it gets id 0 as in the Qwen2 tokenizer of the releases (whose pad_token_id 0 the

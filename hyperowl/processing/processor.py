@@ -133,7 +133,8 @@ class Owl3Processor:
         path = checkpoint_dir(path)
         tokenizer = load_tokenizer(path)
         if prompt_format is None:
-            from hyperowl.model.checkpoint import is_fused_checkpoint  # noqa: PLC0415 (keeps processing free of the model at import)
+            # Imported here: importing hyperowl.processing does not load the model code.
+            from hyperowl.model.checkpoint import is_fused_checkpoint
 
             fused = has_241101_markers(tokenizer) and is_fused_checkpoint(path)
             prompt_format = "241101" if fused else "240728"
