@@ -5,7 +5,7 @@ The official remote code is the oracle; it is not committed. To rerun (CPU is en
     # a copy of the official 240728 remote code, e.g. the public one in github.com/AdaCheng/EgoThink:
     #   models/mPLUG-Owl3-7B-240728/{configuration_*,modeling_*,processing_mplugowl3,image_processing_mplugowl3,x_sdpa}.py
     python3 -m venv /work/official-venv
-    /work/official-venv/bin/pip install torch==2.13.0 "transformers==4.44.2" "numpy<2" einops pillow safetensors
+    /work/official-venv/bin/pip install torch==2.13.0 "transformers==4.44.2" "numpy<2" einops icecream pillow safetensors
     /work/official-venv/bin/pip install --no-deps "torchvision==0.28.*"
     /work/official-venv/bin/python tools/make_official_fixtures.py --official-code DIR
 
