@@ -14,9 +14,13 @@ import time
 from pathlib import Path
 
 from hyperowl.cli import add_model_arguments, load_model_and_processor
+from hyperowl.config import GenerationConfig
 from hyperowl.engine.chat import ChatSession
 from hyperowl.engine.sampling import SamplingParams
 from hyperowl.errors import HyperowlError
+
+#: Answer length when neither --max-new-tokens nor the model's generation config sets one.
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,11 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=float, default=None, help="frames per second sampled before the --max-frames cap")
     parser.add_argument("--no-cut", action="store_true", help="do not cut images into tiles (global view only)")
     parser.add_argument("--system", default=None, help="system prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    defaults = "default: the model's generation_config.json"
+    parser.add_argument("--max-new-tokens", type=int, default=None, help=f"{defaults}, else {DEFAULT_MAX_NEW_TOKENS}")
+    parser.add_argument("--temperature", type=float, default=None, help=f"0 = greedy, > 0 samples ({defaults})")
+    parser.add_argument("--top-p", type=float, default=None, help=defaults)
+    parser.add_argument("--top-k", type=int, default=None, help=f"0 = off ({defaults})")
+    parser.add_argument("--repetition-penalty", type=float, default=None, help=defaults)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--vision-chunk-size", type=int, default=None, help="images encoded per vision-tower batch")
     parser.add_argument("--stats", action="store_true", help="print first-token latency and speed after each answer")
@@ -45,15 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.fps is not None:
         overrides["video_fps"] = args.fps
     model, processor = load_model_and_processor(args, **overrides)
-    params = SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.temperature > 0,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
+    params = sampling_params(args, model.generation_config)
     session = ChatSession(model, processor, system=args.system, params=params, vision_chunk_size=args.vision_chunk_size, progress=True)
     images, videos = [str(p) for p in args.image], [str(p) for p in args.video]
     if args.question:
@@ -77,6 +74,27 @@ def run(args: argparse.Namespace) -> int:
         except HyperowlError as exc:
             print(f"\nerror: {exc}", file=sys.stderr)
         images, videos = [], []
+
+
+def sampling_params(args: argparse.Namespace, defaults: GenerationConfig) -> SamplingParams:
+    """The flags given over the model's generation defaults; a given --temperature also sets sampling
+    on (> 0) or off (0)."""
+    values = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, **defaults.sampling_kwargs()}
+    flags = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+    }
+    values.update({k: v for k, v in flags.items() if v is not None})
+    if args.temperature is not None:
+        values["do_sample"] = args.temperature > 0
+    try:
+        return SamplingParams(**values)
+    except ValueError as exc:
+        raise HyperowlError(f"bad sampling option: {exc}") from exc
 
 
 def answer(session: ChatSession, question: str, images: list[str], videos: list[str], stats: bool, prefix: str = "") -> None:

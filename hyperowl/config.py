@@ -195,3 +195,67 @@ PRESETS: dict[str, Owl3Config] = {
         ),
     ),
 }
+
+
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+@dataclass
+class GenerationConfig:
+    """A checkpoint's sampling defaults, read from its ``generation_config.json`` as transformers reads it.
+
+    Keys the file lacks take transformers' ``GenerationConfig`` defaults (so ``top_k`` is 50 when the
+    file turns sampling on without naming it); a checkpoint without the file decodes greedily. The
+    official 7B checkpoints ship ``do_sample: true, temperature 0.7, top_p 0.8, top_k 20,
+    repetition_penalty 1.05`` (SPEC §4). ``max_new_tokens`` is None unless the file sets it (then the
+    caller's own default applies). Other keys (ids, ``transformers_version``) are not used here.
+    """
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    max_new_tokens: int | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> GenerationConfig:
+        """Read ``path/generation_config.json``; the defaults when there is none.
+
+        Raises:
+            CheckpointError: the file is not a JSON object, or a used key has a value of the wrong type.
+        """
+        file = Path(path) / GENERATION_CONFIG_FILE
+        if not file.is_file():
+            return cls()
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read {file}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{file} is not a JSON object")
+        known, _ = _split_known(cls, data)
+        kinds = {"do_sample": (bool,), "top_k": (int,), "max_new_tokens": (int, type(None))}
+        for key, value in known.items():
+            allowed = kinds.get(key, (int, float))
+            if not isinstance(value, allowed) or (key != "do_sample" and isinstance(value, bool)):
+                raise CheckpointError(f"{file}: {key} must be {' or '.join(t.__name__ for t in allowed)}, got {value!r}")
+        config = cls(**known)
+        ranges = (
+            (config.temperature >= 0, "temperature must be >= 0"),
+            (0 < config.top_p <= 1, "top_p must be in (0, 1]"),
+            (config.top_k >= 0, "top_k must be >= 0"),
+            (config.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (config.max_new_tokens is None or config.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+        )
+        for ok, rule in ranges:
+            if not ok:
+                raise CheckpointError(f"{file}: {rule}")
+        return config
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """The defaults as ``SamplingParams`` keyword arguments (``max_new_tokens`` only when set)."""
+        out = dataclasses.asdict(self)
+        if self.max_new_tokens is None:
+            del out["max_new_tokens"]
+        return out

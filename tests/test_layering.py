@@ -32,7 +32,7 @@ def module_name(path: Path) -> str:
 
 
 def layer(module: str) -> int:
-    if module.endswith(".cli") or module.endswith(".__main__"):
+    if module.endswith((".cli", ".__main__")):
         return len(LAYERS) - 1
     for rank, (_, prefixes) in enumerate(LAYERS):
         if any(module == p or module.startswith(p + ".") for p in prefixes):

@@ -35,6 +35,7 @@ from hyperowl.processing import (
     select_cut_anchor,
     train_tokenizer,
 )
+from hyperowl.processing.video import FILE_MAX_FRAMES
 from tests.media import SECOND_COLORS, block_image, nearest_second, png_header, write_video
 
 CELL = 16
@@ -421,6 +422,23 @@ def test_video_from_frame_list():
     assert [nearest_second(f) for f in clip.frames] == [1, 3, 6, 8]
     recorded = load_video(frames, frame_rate=2.0, max_frames=None)  # 2 fps recording sampled at 1 fps
     assert recorded.timestamps == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_frame_list_keeps_every_frame_unless_capped(tokenizer, mp4):
+    frames = [np.full((8, 8, 3), 10 * i, np.uint8) for i in range(20)]
+    assert len(load_video(frames)) == 20
+    assert len(load_video(frames, max_frames=5)) == 5
+    assert FILE_MAX_FRAMES == 16
+    assert len(load_video(mp4, fps=2.0, progress=False)) == FILE_MAX_FRAMES  # 20 sampled frames, file default cap
+    assert len(load_video(mp4, fps=2.0, max_frames=None, progress=False)) == 20
+
+    processor = Owl3Processor(tokenizer, image_size=CELL, max_frames=3)
+    messages = [{"role": "user", "content": "<|video|><|video|>"}]
+    batch = processor(messages, videos=[frames, mp4])
+    assert [len(t) for t in batch.frame_timestamps[0]] == [20, 3]  # the list keeps all, the file takes max_frames
+    assert batch.input_ids[0].tolist().count(processor.image_token_id) == 23
+    capped = processor(messages, videos=[frames, mp4], max_frames=4)  # a call's cap applies to both
+    assert [len(t) for t in capped.frame_timestamps[0]] == [4, 4]
 
 
 def test_processor_video(processor, mp4):

@@ -37,12 +37,19 @@ CORPUS = [
 ] * 20
 
 
-def save_tiny_checkpoint(path, seed: int = 0, **config_overrides) -> None:
-    """A complete checkpoint directory: config.json, model.safetensors and tokenizer files."""
-    from hyperowl.processing.tokenizer import ENDOFTEXT, IM_END, train_tokenizer
+def save_tiny_checkpoint(path, seed: int = 0, release: str = "240728", **config_overrides) -> None:
+    """A complete checkpoint directory: config.json, model.safetensors and tokenizer files.
 
-    tokenizer = train_tokenizer(CORPUS, vocab_size=400)
+    ``release="241101"`` makes the fused variant (no hyper-attention gate) with a tokenizer that also
+    holds the 241101 media markers as single tokens.
+    """
+    from hyperowl.processing.tokenizer import ENDOFTEXT, IM_END, MARKERS_241101, train_tokenizer
+
+    fused = release == "241101"
+    tokenizer = train_tokenizer(CORPUS, vocab_size=400, extra_special_tokens=MARKERS_241101 if fused else ())
     stops = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
+    if fused:
+        config_overrides.setdefault("fused_hyper_attention", True)
     config = tiny_config(vocab_size=len(tokenizer), eos_token_id=stops, **config_overrides)
     random_model(config, seed).save_pretrained(path)
     tokenizer.save_pretrained(str(path))

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from hyperowl.config import GenerationConfig
 from hyperowl.engine.memory import plan_visual_memory
 from hyperowl.engine.sampling import SamplingParams, sample_row
 from hyperowl.model.cache import TextKVCache, VisualKV
@@ -38,12 +39,14 @@ def default_stop_ids(model: Owl3Model) -> list[int]:
     return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
 
 
-def make_params(params: SamplingParams | None, **kwargs: Any) -> SamplingParams:
-    """`SamplingParams` from an object or from transformers-style keyword arguments."""
+def make_params(params: SamplingParams | None, defaults: GenerationConfig | None = None, **kwargs: Any) -> SamplingParams:
+    """`SamplingParams` from an object, or from transformers-style keyword arguments over `defaults`
+    (the model's generation config): each keyword given (not None) replaces its default, as in
+    transformers' `generate` (so `temperature=0.5` alone does not turn sampling on)."""
     if params is not None:
         return params
     known = {k: v for k, v in kwargs.items() if k in SamplingParams.__dataclass_fields__ and v is not None}
-    return SamplingParams(**known)
+    return SamplingParams(**{**(defaults or GenerationConfig()).sampling_kwargs(), **known})
 
 
 #: The keys of a processor batch that `prefill` and the model take.
@@ -228,9 +231,9 @@ def generate(
     **sampling: Any,
 ) -> GenerationOutput:
     """Generate for a processor batch. Sampling options as keywords (`max_new_tokens`, `do_sample`,
-    `temperature`, `top_p`, `top_k`, `repetition_penalty`, `seed`) or as `params`; `cuda_graph` as in
-    `stream_tokens`."""
-    params = make_params(params, **sampling)
+    `temperature`, `top_p`, `top_k`, `repetition_penalty`, `seed`) over the model's `generation_config`,
+    or as `params`; `cuda_graph` as in `stream_tokens`."""
+    params = make_params(params, model.generation_config, **sampling)
     stops = stop_token_ids if stop_token_ids is not None else default_stop_ids(model)
     state: dict[str, Any] = {}
     start = time.perf_counter()

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from hyperowl.config import Owl3Config
+from hyperowl.config import GenerationConfig, Owl3Config
 from hyperowl.errors import CheckpointError
 from hyperowl.hub import checkpoint_dir
 
@@ -118,6 +118,15 @@ def check_names_and_shapes(model: Owl3Model, shapes: dict[str, tuple[int, ...]])
         raise CheckpointError("checkpoint does not match the config: " + "; ".join(problems))
 
 
+def is_fused_checkpoint(path: Path, config: Owl3Config | None = None) -> bool:
+    """Whether the checkpoint is the fused 7B-241101 variant: ``config.json``'s ``fused_hyper_attention``
+    when set, else no hyper-attention gate among the tensor names (7B-240728 has one per hyper layer, SPEC §2)."""
+    config = config or Owl3Config.from_pretrained(path)
+    if config.fused_hyper_attention is not None:
+        return bool(config.fused_hyper_attention)
+    return not any(GATE.search(n) for n in tensor_files(path))
+
+
 def load_checkpoint(
     cls: type[M], path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu"
 ) -> M:
@@ -126,9 +135,7 @@ def load_checkpoint(
     path = checkpoint_dir(path)
     config = Owl3Config.from_pretrained(path)
     files = tensor_files(path)
-    if config.fused_hyper_attention is None:
-        # 7B-240728 has a gate per hyper layer; 7B-241101 fuses visual and text K/V and has none (SPEC §2).
-        config.fused_hyper_attention = not any(GATE.search(n) for n in files)
+    config.fused_hyper_attention = is_fused_checkpoint(path, config)
     target = resolve_dtype(dtype, config)
     with torch.device("meta"), uninitialised_weights():
         model = cls(config)
@@ -151,6 +158,7 @@ def load_checkpoint(
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
+    model.generation_config = GenerationConfig.from_pretrained(path)
     return model.eval()
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from typing_extensions import Self
 
-from hyperowl.config import Owl3Config
+from hyperowl.config import GenerationConfig, Owl3Config
 from hyperowl.errors import PromptError
 from hyperowl.model.cache import TextKVCache, VisualKV
 from hyperowl.model.checkpoint import load_checkpoint, save_checkpoint
@@ -113,6 +113,8 @@ class Owl3Model(nn.Module):
         self.vision2text_model = nn.Linear(config.vision_config.hidden_size, config.hidden_size, bias=True)
         self.language_model = HyperQwen2ForCausalLM(config, fused)
         self.visual_options = VisualOptions()
+        #: Sampling defaults of `generate`, `hyperowl chat` and `serve` (the checkpoint's generation_config.json).
+        self.generation_config = GenerationConfig()
 
     @property
     def device(self) -> torch.device:

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from hyperowl.errors import MediaError
-from hyperowl.processing.tokenizer import IMAGE_TOKEN
+from hyperowl.processing.tokenizer import END_CUT, IMAGE_TOKEN, START_CUT
 
 ImageSource = str | Path | bytes | Image.Image | np.ndarray
 
@@ -31,8 +31,8 @@ GRID_SQU_6: tuple[tuple[int, int], ...] = ((2, 2), (1, 3), (1, 4), (3, 1), (4, 1
 IMAGE_MEAN = 0.5
 IMAGE_STD = 0.5
 
-# The official code adds this to IoU unions (it only matters for ties). verify
-_IOU_EPS = 1e-5
+# The official code adds this to IoU unions (float32); it only matters for ties and empty boxes.
+_IOU_EPS = np.float32(1e-5)
 
 
 def _check_pixels(width: int, height: int, max_pixels: int, name: str) -> None:
@@ -119,13 +119,15 @@ def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         raise MediaError(f"cannot decode image {name}: {exc}") from exc
 
 
-def _iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
-    """IoU of two ``(x1, y1, x2, y2)`` boxes, with the official epsilon in the union."""
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / (union + _IOU_EPS)
+def _iou_at_origin(a_w: int, a_h: int, b_w: int, b_h: int) -> np.float32:
+    """IoU of the integer boxes ``(0, 0, a_w, a_h)`` and ``(0, 0, b_w, b_h)`` in the official arithmetic.
+
+    Areas, intersection and union are exact integers (int64 tensors in the official code); the union
+    plus epsilon and the division are float32.
+    """
+    inter = min(a_w, b_w) * min(a_h, b_h)
+    union = a_w * a_h + b_w * b_h - inter
+    return np.float32(inter) / (np.float32(union) + _IOU_EPS)
 
 
 def select_cut_anchor(
@@ -133,21 +135,23 @@ def select_cut_anchor(
 ) -> tuple[int, int]:
     """Choose the cut grid ``(rows, cols)`` for a ``width x height`` image: shape first, resolution second.
 
-    score = 100 * IoU(anchor box, shape box) + IoU(anchor box, image box), with the anchor box
-    ``(0, 0, cols * cell, rows * cell)`` and the image box ``(0, 0, width, height)``.
-    verify: the shape box keeps the anchor's width and takes the image's aspect ratio,
-    ``(0, 0, cols * cell, cols * cell * height / width)``, as in the official ``anchor_rank``
-    (mPLUG-Owl / UReader shape-adaptive cropping). The first anchor with the highest score wins.
+    score = 100 * IoU(anchor box, shape box) + IoU(anchor box, image box) in float32, with the anchor
+    box ``(0, 0, cols * cell, rows * cell)``, the image box ``(0, 0, width, height)`` and the shape box
+    ``(0, 0, cols * cell, trunc(float32(height / width) * cols * cell))``: the official ``anchor_rank``
+    writes the rescaled height into an int64 tensor, which truncates it to a whole number (SPEC §4;
+    keeping the fraction picks another grid for about 0.1% of sizes). The first anchor with the
+    highest score wins. ``tests/fixtures/cut_grids.txt`` holds the official grids of 85,849 sizes.
     """
     if width <= 0 or height <= 0:
         raise MediaError(f"image has no pixels: {width} x {height}")
-    image_box = (0.0, 0.0, float(width), float(height))
-    best, best_score = anchors[0], float("-inf")
+    ratio = np.float32(height / width)
+    best, best_score = anchors[0], np.float32(-np.inf)
     for rows, cols in anchors:
-        anchor_w, anchor_h = float(cols * cell), float(rows * cell)
-        anchor_box = (0.0, 0.0, anchor_w, anchor_h)
-        shape_box = (0.0, 0.0, anchor_w, anchor_w * height / width)
-        score = 100.0 * _iou(anchor_box, shape_box) + _iou(anchor_box, image_box)
+        anchor_w, anchor_h = cols * cell, rows * cell
+        shape_h = int(ratio * np.float32(anchor_w))  # float32 product, truncated toward zero
+        shape_iou = _iou_at_origin(anchor_w, anchor_h, anchor_w, shape_h)
+        image_iou = _iou_at_origin(anchor_w, anchor_h, width, height)
+        score = shape_iou * np.float32(100.0) + image_iou
         if score > best_score:
             best, best_score = (rows, cols), score
     return best
@@ -172,11 +176,17 @@ def cut_image(image: Image.Image, cell: int) -> tuple[list[Image.Image], tuple[i
     return views, (rows, cols)
 
 
-def cut_placeholder(rows: int, cols: int) -> str:
+def cut_placeholder(rows: int, cols: int, prompt_format: str = "240728") -> str:
     """Text that replaces a cut image's ``<|image|>``: one ``<|image|>`` per tile, then the global view's.
 
-    verify: tile indices are 0-based ``subimg(row,col)`` as in the official ``range(h)``/``range(w)`` template.
+    ``"240728"`` (the official ``v2_global`` template): ``Cut to {rows} rows {cols} columns with a
+    global view`` and 0-based ``subimg(i,j)`` labels. ``"241101"`` (``v3_global``, SPEC §4b):
+    ``<|start_cut|>{rows}*{cols}``, the rows of bare ``<|image|>``, the global view's ``<|image|>``
+    and ``<|end_cut|>``.
     """
+    if prompt_format == "241101":
+        grid = "\n".join(" ".join([IMAGE_TOKEN] * cols) for _ in range(rows))
+        return f"{START_CUT}{rows}*{cols}\n{grid}\n{IMAGE_TOKEN}{END_CUT}"
     grid = "\n".join(" ".join(f"subimg({i},{j}){IMAGE_TOKEN}" for j in range(cols)) for i in range(rows))
     return f"Cut to {rows} rows {cols} columns with a global view\n{grid}\nglobal_view{IMAGE_TOKEN}"
 

@@ -16,13 +16,28 @@ from hyperowl.errors import CheckpointError, PromptError
 from hyperowl.hub import checkpoint_dir
 from hyperowl.processing.chat import Message, message_text, part_media, render_chat_with_spans
 from hyperowl.processing.image import DEFAULT_MAX_PIXELS, cut_image, cut_placeholder, image_to_tensor, load_image
-from hyperowl.processing.tokenizer import ENDOFTEXT, IM_END, IMAGE_TOKEN, VIDEO_TOKEN, load_tokenizer, single_token_id
-from hyperowl.processing.video import VideoClip, load_video
+from hyperowl.processing.tokenizer import (
+    END_VIDEO_FRAME,
+    ENDOFTEXT,
+    IM_END,
+    IMAGE_TOKEN,
+    MARKERS_241101,
+    START_VIDEO_FRAME,
+    VIDEO_TOKEN,
+    load_tokenizer,
+    single_token_id,
+)
+from hyperowl.processing.video import FILE_MAX_FRAMES, VideoClip, load_video
 
 _MEDIA_PATTERN = re.compile(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}")
 
 #: Label value ignored by the loss.
 IGNORE_INDEX = -100
+
+#: Prompt formats of the official releases. "241101" follows the 241101 model card and a public port of
+#: its image processor (templates ``v3_global`` and the video-frame span); unverified against the
+#: released 241101 tokenizer (the marker ids) and its remote modeling code, of which no public copy is known.
+PROMPT_FORMATS: tuple[str, ...] = ("240728", "241101")
 
 
 class Owl3Batch(dict):
@@ -66,7 +81,12 @@ class Owl3Processor:
         cut_enable: cut images into tiles + a global view (video frames are never cut).
         max_pixels: largest accepted image ``width * height``.
         video_fps: frames per second sampled from videos before the ``max_frames`` cap.
-        max_frames: most frames kept per video.
+        max_frames: most frames kept per video file. A video given as a list of frames keeps all
+            its frames (as the official processor does) unless a call passes ``max_frames``.
+        prompt_format: ``"240728"`` (cut images as ``Cut to ... subimg(i,j)<|image|> ...``, video
+            frames as bare ``<|image|>``) or ``"241101"`` (SPEC §4b: ``<|start_cut|>`` ... ``<|end_cut|>``,
+            frames between ``<|start_video_frame|>`` and ``<|end_video_frame|>``; the tokenizer must
+            hold those markers as single tokens). Both cut every image of a message, each to its own grid.
     """
 
     def __init__(
@@ -76,7 +96,8 @@ class Owl3Processor:
         cut_enable: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         video_fps: float = 1.0,
-        max_frames: int = 16,
+        max_frames: int = FILE_MAX_FRAMES,
+        prompt_format: str = "240728",
     ) -> None:
         image_token_id = single_token_id(tokenizer, IMAGE_TOKEN)
         if image_token_id is None:
@@ -86,6 +107,11 @@ class Owl3Processor:
             raise CheckpointError(f"the tokenizer has no usable pad token (nor {ENDOFTEXT} as one token)")
         if image_size < 1:
             raise ValueError(f"image_size must be positive, got {image_size}")
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}; got {prompt_format!r}")
+        if prompt_format == "241101" and not has_241101_markers(tokenizer):
+            raise CheckpointError(f"prompt_format 241101 needs the tokens {', '.join(MARKERS_241101)}; the tokenizer lacks some")
+        self.prompt_format = prompt_format
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.cut_enable = cut_enable
@@ -96,11 +122,23 @@ class Owl3Processor:
         self._pad_token_id = pad_id
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **overrides: Any) -> Owl3Processor:
+    def from_pretrained(cls, path: str | Path, prompt_format: str | None = None, **overrides: Any) -> Owl3Processor:
         """Build from a checkpoint directory (or Hub repository id): its tokenizer files and ``config.json``'s
-        ``vision_config.image_size``; keyword ``overrides`` replace constructor arguments."""
+        ``vision_config.image_size``; keyword ``overrides`` replace constructor arguments.
+
+        ``prompt_format`` None chooses from the checkpoint: ``"241101"`` when the tokenizer holds the
+        241101 media markers as single tokens and the model is the fused variant (``config.json``
+        says so, or the weights have no hyper-attention ``gate_proj``), else ``"240728"``.
+        """
         path = checkpoint_dir(path)
         tokenizer = load_tokenizer(path)
+        if prompt_format is None:
+            # Imported here: importing hyperowl.processing does not load the model code.
+            from hyperowl.model.checkpoint import is_fused_checkpoint
+
+            fused = has_241101_markers(tokenizer) and is_fused_checkpoint(path)
+            prompt_format = "241101" if fused else "240728"
+        overrides["prompt_format"] = prompt_format
         if "image_size" not in overrides:
             config_file = path / "config.json"
             try:
@@ -161,7 +199,9 @@ class Owl3Processor:
                 the ``"image"`` values of the messages' image parts.
             videos: like ``images`` for ``<|video|>``; a video is a file (path/bytes), a list of
                 frames, or a :class:`VideoClip`.
-            cut_enable, max_frames, fps: per-call overrides of the processor settings.
+            cut_enable, fps: per-call overrides of the processor settings.
+            max_frames: cap on the frames of every video of this call, files and frame lists; None:
+                files keep the processor's ``max_frames``, frame lists all their frames.
             add_generation_prompt: end with an open assistant turn when the conversation does not
                 end with an assistant answer.
             return_labels: add ``labels`` (token ids inside assistant answers, -100 elsewhere).
@@ -179,7 +219,6 @@ class Owl3Processor:
         image_lists = _per_sample(images, conversations, is_batch, "image")
         video_lists = _per_sample(videos, conversations, is_batch, "video")
         cut = self.cut_enable if cut_enable is None else cut_enable
-        frames_cap = self.max_frames if max_frames is None else max_frames
         sample_fps = self.video_fps if fps is None else fps
 
         views: list[Image.Image] = []
@@ -196,7 +235,7 @@ class Owl3Processor:
             _check_count(joined.count(VIDEO_TOKEN), len(sample_videos), "video", index, is_batch)
             first_image.append(len(views))
             expanded_texts, sample_views, timestamps = self._expand_media(
-                texts, sample_images, sample_videos, cut, sample_fps, frames_cap
+                texts, sample_images, sample_videos, cut, sample_fps, max_frames
             )
             views.extend(sample_views)
             frame_timestamps.append(timestamps)
@@ -234,14 +273,15 @@ class Owl3Processor:
         videos: list[Any],
         cut: bool,
         fps: float,
-        max_frames: int,
+        max_frames: int | None,
     ) -> tuple[list[str], list[Image.Image], list[list[float]]]:
         """Load one conversation's media and expand its placeholders, in order of appearance.
 
         Returns:
             ``(texts, views, timestamps)``: the message texts with each cut image's ``<|image|>``
             replaced by :func:`cut_placeholder` and each ``<|video|>`` by one ``<|image|>`` per
-            frame; every view (tile, global view, frame, uncut image) in token order; and the
+            frame (a file capped at ``max_frames`` or else the processor's ``max_frames``, a frame list
+            at ``max_frames`` or not at all); every view (tile, global view, frame, uncut image) in token order; and the
             frame times of each video.
         """
         image_iter, video_iter = iter(images), iter(videos)
@@ -256,14 +296,26 @@ class Owl3Processor:
                     return IMAGE_TOKEN
                 tiles, (rows, cols) = cut_image(image, self.image_size)
                 views.extend(tiles)
-                return cut_placeholder(rows, cols)
+                return cut_placeholder(rows, cols, self.prompt_format)
             video = next(video_iter)
-            clip = video if isinstance(video, VideoClip) else load_video(video, fps=fps, max_frames=max_frames)
+            if isinstance(video, VideoClip):
+                clip = video
+            else:
+                is_file = isinstance(video, (str, Path, bytes, bytearray))
+                cap = self.max_frames if max_frames is None and is_file else max_frames
+                clip = load_video(video, fps=fps, max_frames=cap)
             views.extend(clip.frames)
             timestamps.append(list(clip.timestamps))
+            if self.prompt_format == "241101":
+                return START_VIDEO_FRAME + IMAGE_TOKEN * len(clip) + END_VIDEO_FRAME
             return IMAGE_TOKEN * len(clip)
 
         return [_MEDIA_PATTERN.sub(expand, text) for text in texts], views, timestamps
+
+
+def has_241101_markers(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer encodes every 241101 media marker (:data:`MARKERS_241101`) as one token."""
+    return all(single_token_id(tokenizer, marker) is not None for marker in MARKERS_241101)
 
 
 def _split_batch(messages: Any) -> tuple[list[Sequence[Message]], bool]:

@@ -7,7 +7,7 @@ The released checkpoints ship a Qwen2 tokenizer in which ``<|image|>``, ``<|im_s
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -22,22 +22,34 @@ IM_END = "<|im_end|>"
 IMAGE_TOKEN = "<|image|>"
 VIDEO_TOKEN = "<|video|>"
 
+#: Media markers of the 241101 prompt format (SPEC §4b): a cut image between START_CUT and END_CUT,
+#: the frames of a video between START_VIDEO_FRAME and END_VIDEO_FRAME.
+START_CUT = "<|start_cut|>"
+END_CUT = "<|end_cut|>"
+START_VIDEO_FRAME = "<|start_video_frame|>"
+END_VIDEO_FRAME = "<|end_video_frame|>"
+MARKERS_241101: tuple[str, ...] = (START_CUT, END_CUT, START_VIDEO_FRAME, END_VIDEO_FRAME)
+
 #: In id order for :func:`train_tokenizer` (``<|endoftext|>`` gets id 0).
 SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, IM_START, IM_END, IMAGE_TOKEN, VIDEO_TOKEN)
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 1024, extra_special_tokens: Sequence[str] = ()
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer whose special tokens are single tokens.
 
     Args:
         texts: training corpus, one string per item.
         vocab_size: target vocabulary size, including the 256 byte symbols and the special tokens.
+        extra_special_tokens: more single tokens after :data:`SPECIAL_TOKENS` (e.g. :data:`MARKERS_241101`).
 
     Returns:
         A fast tokenizer (``<|endoftext|>`` = id 0 is both eos and pad); ``save_pretrained(dir)``
         writes it and ``transformers.AutoTokenizer.from_pretrained(dir)`` reads it back.
     """
-    minimum = 256 + len(SPECIAL_TOKENS)
+    special = [*SPECIAL_TOKENS, *extra_special_tokens]
+    minimum = 256 + len(special)
     if vocab_size < minimum:
         raise ValueError(f"vocab_size {vocab_size} is below the minimum {minimum} (256 bytes + special tokens)")
     backend = Tokenizer(models.BPE())
@@ -45,7 +57,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -54,7 +66,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
         tokenizer_object=backend,
         eos_token=ENDOFTEXT,
         pad_token=ENDOFTEXT,
-        extra_special_tokens=list(SPECIAL_TOKENS[1:]),
+        extra_special_tokens=special[1:],
     )
 
 

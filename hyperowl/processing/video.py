@@ -12,6 +12,7 @@ import io
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import av
 from PIL import Image
@@ -21,6 +22,10 @@ from hyperowl.errors import MediaError
 from hyperowl.processing.image import ImageSource, load_image
 
 VideoFileSource = str | Path | bytes
+
+#: Frames kept from a video file when no cap is given (the official demo's 16). A video given as a
+#: list of frames keeps all of them by default, as in the official processor.
+FILE_MAX_FRAMES = 16
 
 
 @dataclass
@@ -193,7 +198,7 @@ def load_video(
     src: VideoFileSource | Sequence[ImageSource],
     *,
     fps: float = 1.0,
-    max_frames: int | None = 16,
+    max_frames: int | None | Literal["default"] = "default",
     frame_rate: float | None = None,
     progress: bool | None = None,
 ) -> VideoClip:
@@ -202,7 +207,8 @@ def load_video(
     Args:
         src: a video file (path or bytes), or a list of frames (PIL images, arrays, image paths).
         fps: frames per second to sample.
-        max_frames: cap on the number of frames (None: no cap).
+        max_frames: cap on the number of frames (None: no cap); ``"default"`` caps a file at
+            :data:`FILE_MAX_FRAMES` and keeps every sampled frame of a frame list.
         frame_rate: for a frame list, the rate it was recorded at; None means the list is already
             sampled at ``fps`` (only the ``max_frames`` cap applies). Ignored for files.
         progress: decoding progress bar, see :func:`iter_video_chunks`.
@@ -211,6 +217,8 @@ def load_video(
         A :class:`VideoClip`; frame list timestamps are ``index / frame_rate``.
     """
     if isinstance(src, (str, Path, bytes, bytearray)):
+        if max_frames == "default":
+            max_frames = FILE_MAX_FRAMES
         clip = VideoClip([], [])
         for chunk in iter_video_chunks(src, chunk_size=64, fps=fps, max_frames=max_frames, progress=progress):
             clip.frames.extend(chunk.frames)
@@ -219,5 +227,5 @@ def load_video(
     if len(src) == 0:
         raise MediaError("video frame list is empty")
     native_fps = fps if frame_rate is None else frame_rate
-    indices = sample_frame_indices(len(src), native_fps, fps, max_frames)
+    indices = sample_frame_indices(len(src), native_fps, fps, None if max_frames == "default" else max_frames)
     return VideoClip([load_image(src[i]) for i in indices], [i / native_fps for i in indices])

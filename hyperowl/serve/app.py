@@ -274,7 +274,7 @@ def create_app(model: Owl3Model, processor: Owl3Processor, settings: ServerSetti
                 param="model",
                 code="model_not_found",
             )
-        job = await prepare_job(body, processor, settings, max_context)
+        job = await prepare_job(body, processor, settings, max_context, model.generation_config)
         scheduler.submit(job)
         metrics.prompt_tokens.inc(job.prompt_tokens)
         ident = f"chatcmpl-{uuid.uuid4().hex}"

@@ -9,6 +9,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
+from hyperowl.config import GenerationConfig
 from hyperowl.engine.sampling import SamplingParams
 from hyperowl.processing.processor import Owl3Batch, Owl3Processor
 from hyperowl.serve.errors import ApiError, limit_error
@@ -80,9 +81,20 @@ def process(
 
 
 async def prepare_job(
-    request: ChatCompletionRequest, processor: Owl3Processor, settings: ServerSettings, max_context: int
+    request: ChatCompletionRequest,
+    processor: Owl3Processor,
+    settings: ServerSettings,
+    max_context: int,
+    defaults: GenerationConfig | None = None,
 ) -> Job:
-    """Check `request` against the limits, load its media, process the prompt; 4xx `ApiError` when it cannot run."""
+    """Check `request` against the limits, load its media, process the prompt; 4xx `ApiError` when it cannot run.
+
+    Sampling fields the request leaves out take the model's generation defaults (`defaults`, its
+    generation_config.json; greedy without one); a given `temperature` also sets sampling on (> 0) or
+    off (0). `max_tokens` left out takes the model's `max_new_tokens` (at most `settings.max_tokens`),
+    else `settings.default_max_tokens`.
+    """
+    defaults = defaults or GenerationConfig()
     unsupported = request.unsupported_features()
     if unsupported:
         raise ApiError(
@@ -93,7 +105,8 @@ async def prepare_job(
         )
     if request.top_logprobs is not None and not request.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    max_tokens = request.max_completion_tokens or request.max_tokens or min(settings.default_max_tokens, settings.max_tokens)
+    default_tokens = settings.default_max_tokens if defaults.max_new_tokens is None else defaults.max_new_tokens
+    max_tokens = request.max_completion_tokens or request.max_tokens or min(default_tokens, settings.max_tokens)
     if max_tokens > settings.max_tokens:
         raise limit_error(f"max_tokens {max_tokens} is more than {settings.max_tokens}", "max_tokens", "max_tokens")
     stops = request.stop_strings()
@@ -111,16 +124,17 @@ async def prepare_job(
             param="messages",
             code="context_length_exceeded",
         )
-    temperature = 1.0 if request.temperature is None else request.temperature
-    params = SamplingParams(
-        max_new_tokens=max_tokens,
-        do_sample=temperature > 0,
-        temperature=temperature,
-        top_p=1.0 if request.top_p is None else request.top_p,
-        top_k=request.top_k or 0,
-        repetition_penalty=request.repetition_penalty or 1.0,
-        seed=request.seed,
-    )
+    given = {
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "top_k": request.top_k,
+        "repetition_penalty": request.repetition_penalty,
+        "seed": request.seed,
+    }
+    values = {**defaults.sampling_kwargs(), **{k: v for k, v in given.items() if v is not None}, "max_new_tokens": max_tokens}
+    if request.temperature is not None:
+        values["do_sample"] = request.temperature > 0
+    params = SamplingParams(**values)
     top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
     return Job(batch, params, stops, request.ignore_eos, settings.request_timeout_s, top_logprobs)
 
