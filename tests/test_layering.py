@@ -31,11 +31,15 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def inside(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
 def layer(module: str) -> int:
     if module.endswith(".cli") or module.endswith(".__main__"):
         return len(LAYERS) - 1
     for rank, (_, prefixes) in enumerate(LAYERS):
-        if any(module == p or module.startswith(p + ".") for p in prefixes):
+        if any(inside(module, p) for p in prefixes):
             return rank
     raise AssertionError(f"{module} belongs to no layer: add it to LAYERS")
 
@@ -96,6 +100,19 @@ def test_no_import_circles():
     for module in sorted(edges):
         if module not in state and (cycle := visit(module)):
             raise AssertionError("import circle: " + " -> ".join(cycle))
+
+
+def test_only_command_line_modules_join_the_synthetic_data_and_the_evaluation():
+    """`hyperowl.synthetic` and `hyperowl.eval` import each other only in their command-line modules."""
+    joined = [
+        f"{m} imports {t}"
+        for m, (every, _) in graph().items()
+        if layer(m) < len(LAYERS) - 1
+        for t in every
+        for mine, other in (("hyperowl.synthetic", "hyperowl.eval"), ("hyperowl.eval", "hyperowl.synthetic"))
+        if inside(m, mine) and inside(t, other)
+    ]
+    assert not joined, "\n".join(joined)
 
 
 def test_the_model_imports_nothing_above_it():

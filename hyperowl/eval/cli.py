@@ -292,7 +292,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _make_synthetic(args: argparse.Namespace) -> int:
-    from hyperowl.eval.synthetic import write_synthetic_benchmarks
+    from hyperowl.synthetic.benchmark_files import write_synthetic_benchmarks
     from hyperowl.synthetic.evaluate import HELD_OUT_SEED
 
     seed = HELD_OUT_SEED if args.seed is None else args.seed

@@ -1,4 +1,4 @@
-"""Benchmark files in the published formats, built from the package's synthetic tasks (`hyperowl.synthetic`).
+"""Benchmark files in the published formats, built from the synthetic tasks (`hyperowl eval make-synthetic`).
 
 They let the whole evaluation pipeline run anywhere, without downloading a benchmark:
 
