@@ -23,10 +23,10 @@ from typing import Any
 import torch
 
 from benchmarks.common import (
+    IMAGE_ID,
     PRESETS_BENCH,
     Preset,
     decode_start,
-    llava_baseline,
     llava_ids,
     machine,
     measure,
@@ -35,6 +35,7 @@ from benchmarks.common import (
     random_owl3,
     synchronize,
 )
+from hyperowl.baselines import build_baseline
 from hyperowl.engine.generate import Owl3ForCausalLM
 from hyperowl.engine.memory import plan_visual_memory
 
@@ -86,7 +87,7 @@ def run(preset: Preset, device: torch.device, max_frames: int | None, skip_basel
     torch.set_grad_enabled(False)
     model = random_owl3(preset.config, preset.dtype, device)
     model.visual_options.chunk_size = preset.chunk_size
-    llava = None if skip_baseline else llava_baseline(model)
+    llava = None if skip_baseline else build_baseline(model, IMAGE_ID)
     size = preset.config.vision_config.image_size
     p = preset.config.vision_config.tokens_per_image
     cpu = device.type == "cpu"

@@ -1,7 +1,7 @@
 """The import graph of `hyperowl/`: arrows point down the layers only, and no module circle exists.
 
 Layers, bottom to top: foundation (`config`, `errors`, `hub`) < `model` < `processing` < `engine` <
-data and baselines (`synthetic`, `baselines`) < tasks (`train`, `eval`, `rag`, `integrations`) < `serve`
+data (`synthetic`) < tasks (`train`, `eval`, `baselines`, `rag`, `integrations`) < `serve`
 < command line (`cli`, every `*.cli` module, `chat_cli`, `synthetic.__main__`). A module may import its
 own layer and the layers below. The package facade `hyperowl/__init__.py` re-exports the public API and
 is left out.
@@ -19,8 +19,8 @@ LAYERS = [
     ("model", ("hyperowl.model",)),
     ("processing", ("hyperowl.processing",)),
     ("engine", ("hyperowl.engine",)),
-    ("data", ("hyperowl.synthetic", "hyperowl.baselines")),
-    ("tasks", ("hyperowl.train", "hyperowl.eval", "hyperowl.rag", "hyperowl.integrations")),
+    ("data", ("hyperowl.synthetic",)),
+    ("tasks", ("hyperowl.train", "hyperowl.eval", "hyperowl.baselines", "hyperowl.rag", "hyperowl.integrations")),
     ("serve", ("hyperowl.serve",)),
     ("cli", ("hyperowl.cli", "hyperowl.chat_cli")),
 ]

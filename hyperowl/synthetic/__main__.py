@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
+    from hyperowl.baselines import LlavaBaseline, is_llava_checkpoint
     from hyperowl.cli import resolve_device
     from hyperowl.engine.generate import Owl3ForCausalLM
-    from hyperowl.eval.baseline import LlavaBaseline, is_llava_checkpoint
     from hyperowl.processing.processor import Owl3Processor
 
     device = resolve_device(args.device)
