@@ -22,8 +22,8 @@ from hyperowl.errors import HyperowlError
 from hyperowl.processing.chat import ROLES
 from hyperowl.processing.processor import IGNORE_INDEX, Owl3Processor
 from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
+from hyperowl.synthetic.guidance import Targets, VideoFacts, VideoGuide, collate_targets, video_facts
 from hyperowl.synthetic.tasks import TaskMixture
-from hyperowl.train.guidance import Targets, VideoFacts, VideoGuide, collate_targets, video_facts
 
 log = logging.getLogger("hyperowl.train")
 
