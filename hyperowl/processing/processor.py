@@ -14,8 +14,8 @@ from transformers import PreTrainedTokenizerBase
 
 from hyperowl.errors import CheckpointError, PromptError
 from hyperowl.hub import checkpoint_dir
-from hyperowl.processing.chat import Message, message_text, part_media, render_chat_with_spans
 from hyperowl.processing.image import DEFAULT_MAX_PIXELS, cut_image, cut_placeholder, image_to_tensor, load_image
+from hyperowl.processing.template import Message, message_text, part_media, render_chat_with_spans
 from hyperowl.processing.tokenizer import ENDOFTEXT, IM_END, IMAGE_TOKEN, VIDEO_TOKEN, load_tokenizer, single_token_id
 from hyperowl.processing.video import VideoClip, load_video
 
