@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from hyperowl.engine.generate import GenerationOutput, Owl3ForCausalLM
 from hyperowl.errors import CheckpointError
-from hyperowl.processing.processor import IGNORE_INDEX
+from hyperowl.processing.processor import IGNORE_INDEX, left_pad
 from hyperowl.train.config import RecipeError, TrainConfig
 
 if TYPE_CHECKING:
@@ -96,13 +96,6 @@ def build_baseline(owl: Owl3ForCausalLM, image_token_id: int) -> LlavaForConditi
     return llava.eval()
 
 
-def _left_pad(rows: list[torch.Tensor], fill: int) -> torch.Tensor:
-    out = torch.full((len(rows), max(r.shape[0] for r in rows)), fill, dtype=rows[0].dtype, device=rows[0].device)
-    for b, row in enumerate(rows):
-        out[b, out.shape[1] - row.shape[0] :] = row
-    return out
-
-
 def expand_image_tokens(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -120,9 +113,9 @@ def expand_image_tokens(
         return input_ids, attention_mask, labels
     repeats = torch.where(input_ids == image_token_id, tokens_per_image, 1) * (attention_mask > 0)
     ids = [row.repeat_interleave(r) for row, r in zip(input_ids, repeats)]
-    mask = _left_pad([torch.ones_like(row) for row in ids], 0)
-    new_labels = None if labels is None else _left_pad([row.repeat_interleave(r) for row, r in zip(labels, repeats)], -100)
-    return _left_pad(ids, pad_id), mask.to(attention_mask.dtype), new_labels
+    new_ids, mask = left_pad(ids, pad_id)
+    new_labels = None if labels is None else left_pad([row.repeat_interleave(r) for row, r in zip(labels, repeats)], -100)[0]
+    return new_ids, mask.to(attention_mask.dtype), new_labels
 
 
 def train_baseline(cfg: TrainConfig, out: Path, progress: bool = True) -> list[float]:
