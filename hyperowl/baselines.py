@@ -124,7 +124,7 @@ def train_baseline(cfg: TrainConfig, out: Path, progress: bool = True) -> list[f
     Raises `RecipeError` for a recipe that starts from a checkpoint or trains on a JSONL file.
     """
     from hyperowl.train.data import MicroBatches
-    from hyperowl.train.model import build_from_scratch
+    from hyperowl.train.policy import build_from_scratch
     from hyperowl.train.trainer import build_optimizer, lr_lambda, make_dataset, seed_everything, token_loss_sum
 
     if cfg.init_from is not None or cfg.synthetic_tasks is None:

@@ -33,7 +33,7 @@ from hyperowl.synthetic.guidance import AttentionGuide, bind_video_guidance
 from hyperowl.synthetic.tasks import TaskMixture, TaskOptions
 from hyperowl.train.config import RecipeError, TrainConfig
 from hyperowl.train.data import JsonlDataset, MicroBatches, SyntheticDataset
-from hyperowl.train.model import (
+from hyperowl.train.policy import (
     apply_policy,
     build_from_scratch,
     enable_gradient_checkpointing,
