@@ -292,8 +292,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _make_synthetic(args: argparse.Namespace) -> int:
+    from hyperowl.synthetic.accuracy import HELD_OUT_SEED
     from hyperowl.synthetic.benchmark_files import write_synthetic_benchmarks
-    from hyperowl.synthetic.evaluate import HELD_OUT_SEED
 
     seed = HELD_OUT_SEED if args.seed is None else args.seed
     files = write_synthetic_benchmarks(args.out, args.questions, args.multi_image, args.videos, seed)

@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from hyperowl.synthetic.evaluate import HELD_OUT_SEED, SINGLE_PICTURE_TASKS, evaluate_tasks
+from hyperowl.synthetic.accuracy import HELD_OUT_SEED, SINGLE_PICTURE_TASKS, evaluate_tasks
 from hyperowl.synthetic.tasks import TASKS, TaskOptions
 from hyperowl.synthetic.write import write_dataset
 

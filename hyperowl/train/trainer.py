@@ -349,7 +349,7 @@ class Trainer:
         return float(self._all_sum(loss_sum)) / total_labels, float(grad_norm), global_tokens
 
     def _evaluate(self) -> dict[str, float]:
-        from hyperowl.synthetic.evaluate import evaluate_tasks
+        from hyperowl.synthetic.accuracy import evaluate_tasks
 
         opts = TaskOptions(image_size=self.model.config.vision_config.image_size)
         accuracy = evaluate_tasks(self.model, self.processor, self.cfg.eval_tasks, self.cfg.eval_n, opts=opts)
