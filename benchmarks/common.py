@@ -1,24 +1,21 @@
-"""Shared pieces of the long-input benchmarks: presets, random models, the LLaVA token-concatenation
-baseline (transformers' `LlavaForConditionalGeneration`, sharing the LLM and vision tower weights
-with hyperowl), prompts, timers and a peak-memory meter."""
+"""Shared pieces of the long-input benchmarks: presets, random models, prompts for hyperowl and the
+token-concatenation baseline (`hyperowl.baselines.build_baseline`), timers and a peak-memory meter."""
 
 from __future__ import annotations
 
 import copy
-import math
 import platform
 import time
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from hyperowl.baselines import default_dtype_device
 from hyperowl.config import PRESETS, Owl3Config
 from hyperowl.engine.generate import Owl3ForCausalLM
 from hyperowl.model.cache import TextKVCache, VisualKV
@@ -90,84 +87,12 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()} CPU, {cores} threads (torch {torch.__version__})"
 
 
-@contextmanager
-def default_dtype_device(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with device:
-            yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def random_owl3(config: Owl3Config, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Owl3ForCausalLM:
     """A randomly initialised model built directly on `device` in `dtype` (PyTorch's default inits)."""
     torch.manual_seed(seed)
     with default_dtype_device(dtype, device):
         model = Owl3ForCausalLM(config)
     return model.eval()
-
-
-def llava_baseline(owl: Owl3ForCausalLM, image_token_id: int = IMAGE_ID) -> nn.Module:
-    """LLaVA-Next-Interleave design from transformers' classes: SigLIP features (hidden_states[-2],
-    all patches) -> 2-layer MLP projector (new, N(0, 0.02), frozen) -> visual tokens inserted into the
-    Qwen2 sequence at `image_token_id`. The vision tower, the LLM and its head share their tensors
-    with `owl` (no copy)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    c, v = owl.config, owl.config.vision_config
-    config = LlavaConfig(
-        vision_config=v.to_transformers(vision_use_head=False),
-        text_config=c.to_transformers(tie_word_embeddings=False),
-        image_token_id=image_token_id,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="full",
-        projector_hidden_act="gelu",
-    )
-    with default_dtype_device(owl.dtype, torch.device("meta")):
-        llava = LlavaForConditionalGeneration(config)
-    ours = dict(owl.named_parameters())
-    for name, param in list(llava.named_parameters()):
-        mapped = (
-            name.replace("model.vision_tower.", "vision_model.")
-            .replace("model.language_model.", "language_model.model.")
-            .replace("lm_head.", "language_model.lm_head.")
-        )
-        module_name, leaf = name.rsplit(".", 1)
-        module = llava.get_submodule(module_name)
-        if mapped in ours:
-            module._parameters[leaf] = ours[mapped]
-        else:
-            fresh = torch.empty(param.shape, dtype=owl.dtype, device=owl.device).normal_(0, 0.02)
-            module._parameters[leaf] = nn.Parameter(fresh, requires_grad=False)
-    rotary = llava.model.language_model.rotary_emb
-    with owl.device:
-        llava.model.language_model.rotary_emb = type(rotary)(config.text_config)
-    embeddings = llava.model.vision_tower.embeddings
-    embeddings.position_ids = torch.arange(embeddings.position_ids.shape[-1], device=owl.device)[None]
-    return llava.eval()
-
-
-def pooled_baseline_logits(llava: nn.Module, frames: torch.Tensor) -> torch.Tensor:
-    """Next-token logits `[vocab]` of the pooled token-concatenation design (LLaVA-Video /
-    LLaVA-OneVision): every frame's tower features (hidden_states[-2]) go through the projector, are
-    pooled 2x2 (bilinear, a 27x27 grid -> 14x14 = 196 tokens per 384-pixel frame, as LLaVA-OneVision's
-    video pooling does) and are inserted into the Qwen2 sequence between the same prompt texts as the
-    other systems. `llava` is `llava_baseline(...)`: the same tower, LLM and head as hyperowl."""
-    tower, projector = llava.model.vision_tower, llava.model.multi_modal_projector
-    language = llava.model.language_model
-    device = llava.lm_head.weight.device
-    features = projector(tower(frames.to(device, non_blocking=True), output_hidden_states=True).hidden_states[-2])
-    n, p, hidden = features.shape
-    side = math.isqrt(p)
-    grid = features.transpose(1, 2).reshape(n, hidden, side, side)
-    pooled = torch.nn.functional.interpolate(grid, size=(math.ceil(side / 2),) * 2, mode="bilinear", align_corners=False)
-    visual = pooled.flatten(2).transpose(1, 2).reshape(1, -1, hidden)
-    text = language.embed_tokens(torch.full((1, TEXT_BEFORE + TEXT_AFTER), 11, dtype=torch.long, device=device))
-    inputs = torch.cat([text[:, :TEXT_BEFORE], visual.to(text.dtype), text[:, TEXT_BEFORE:]], 1)
-    last = language(inputs_embeds=inputs, use_cache=True).last_hidden_state[:, -1]
-    return llava.lm_head(last)[0]
 
 
 def owl3_batch(n: int, device: torch.device) -> dict[str, torch.Tensor]:

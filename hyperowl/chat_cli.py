@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hyperowl.cli import add_model_arguments, load_model_and_processor
 from hyperowl.config import GenerationConfig
-from hyperowl.engine.chat import ChatSession
+from hyperowl.engine.conversation import ChatSession
 from hyperowl.engine.sampling import SamplingParams
 from hyperowl.errors import HyperowlError
 

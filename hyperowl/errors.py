@@ -17,5 +17,9 @@ class PromptError(HyperowlError, ValueError):
     """Messages and media do not fit together (placeholder count mismatch, bad roles, ...)."""
 
 
+class RecipeError(HyperowlError, ValueError):
+    """A training recipe has unknown keys, wrong types or contradictory settings."""
+
+
 class ResourceLimitError(HyperowlError, RuntimeError):
     """A request would not fit in memory or exceeds a configured limit."""

@@ -9,8 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.train_baseline import train_baseline
-from hyperowl.eval.baseline import LlavaBaseline, expand_image_tokens, is_llava_checkpoint
+from hyperowl.baselines import LlavaBaseline, expand_image_tokens, is_llava_checkpoint, train_baseline
 from hyperowl.eval.data import load_mmbench_tsv
 from hyperowl.eval.tasks import build_messages, build_requests
 from hyperowl.processing.processor import Owl3Processor

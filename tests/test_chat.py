@@ -11,7 +11,7 @@ from PIL import Image
 
 from hyperowl import Owl3ForCausalLM, Owl3Processor
 from hyperowl.cli import main
-from hyperowl.engine.chat import ChatSession
+from hyperowl.engine.conversation import ChatSession
 from hyperowl.engine.sampling import SamplingParams
 
 

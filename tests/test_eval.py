@@ -205,7 +205,7 @@ def test_mvbench_video_window_and_frames(tmp_path):
 
 
 def test_make_synthetic_files_load(tmp_path):
-    from hyperowl.eval.synthetic import write_synthetic_benchmarks
+    from hyperowl.synthetic.benchmark_files import write_synthetic_benchmarks
 
     files = write_synthetic_benchmarks(tmp_path, questions=6, multi_image=2, videos=1)
     mmbench = load_mmbench_tsv(files.mmbench)

@@ -12,11 +12,11 @@ from hyperowl.hub import DEFAULT_MODEL
 from hyperowl.processing.processor import Owl3Processor
 from hyperowl.processing.video import VideoClip
 from hyperowl.synthetic.draw import Item
+from hyperowl.synthetic.guidance import AttentionGuide, VideoGuidance, VideoGuide, video_facts
 from hyperowl.synthetic.tasks import Sample
 from hyperowl.synthetic.video import Event, SyntheticVideo
 from hyperowl.train.config import RecipeError, TrainConfig
 from hyperowl.train.data import Example, encode
-from hyperowl.train.guidance import AttentionGuide, VideoGuidance, VideoGuide, video_facts
 from hyperowl.train.trainer import LossModule, Trainer, train
 from tests.test_model import qwen2_oracle
 from tests.test_train import recipe

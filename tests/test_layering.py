@@ -1,7 +1,7 @@
 """The import graph of `hyperowl/`: arrows point down the layers only, and no module circle exists.
 
 Layers, bottom to top: foundation (`config`, `errors`, `hub`) < `model` < `processing` < `engine` <
-data and baselines (`synthetic`, `baselines`) < tasks (`train`, `eval`, `rag`, `integrations`) < `serve`
+data (`synthetic`) < tasks (`train`, `eval`, `baselines`, `rag`, `integrations`) < `serve`
 < command line (`cli`, every `*.cli` module, `chat_cli`, `synthetic.__main__`). A module may import its
 own layer and the layers below. The package facade `hyperowl/__init__.py` re-exports the public API and
 is left out.
@@ -19,8 +19,8 @@ LAYERS = [
     ("model", ("hyperowl.model",)),
     ("processing", ("hyperowl.processing",)),
     ("engine", ("hyperowl.engine",)),
-    ("data", ("hyperowl.synthetic", "hyperowl.baselines")),
-    ("tasks", ("hyperowl.train", "hyperowl.eval", "hyperowl.rag", "hyperowl.integrations")),
+    ("data", ("hyperowl.synthetic",)),
+    ("tasks", ("hyperowl.train", "hyperowl.eval", "hyperowl.baselines", "hyperowl.rag", "hyperowl.integrations")),
     ("serve", ("hyperowl.serve",)),
     ("cli", ("hyperowl.cli", "hyperowl.chat_cli")),
 ]
@@ -31,11 +31,15 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def inside(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
 def layer(module: str) -> int:
     if module.endswith((".cli", ".__main__")):
         return len(LAYERS) - 1
     for rank, (_, prefixes) in enumerate(LAYERS):
-        if any(module == p or module.startswith(p + ".") for p in prefixes):
+        if any(inside(module, p) for p in prefixes):
             return rank
     raise AssertionError(f"{module} belongs to no layer: add it to LAYERS")
 
@@ -96,6 +100,19 @@ def test_no_import_circles():
     for module in sorted(edges):
         if module not in state and (cycle := visit(module)):
             raise AssertionError("import circle: " + " -> ".join(cycle))
+
+
+def test_only_command_line_modules_join_the_synthetic_data_and_the_evaluation():
+    """`hyperowl.synthetic` and `hyperowl.eval` import each other only in their command-line modules."""
+    joined = [
+        f"{m} imports {t}"
+        for m, (every, _) in graph().items()
+        if layer(m) < len(LAYERS) - 1
+        for t in every
+        for mine, other in (("hyperowl.synthetic", "hyperowl.eval"), ("hyperowl.eval", "hyperowl.synthetic"))
+        if inside(m, mine) and inside(t, other)
+    ]
+    assert not joined, "\n".join(joined)
 
 
 def test_the_model_imports_nothing_above_it():

@@ -25,7 +25,6 @@ import torch
 import uvicorn
 from PIL import Image
 
-from benchmarks.serve_load import free_port, wait_ready
 from hyperowl.engine.batching import DecodeBatch
 from hyperowl.engine.generate import Owl3ForCausalLM, prefill
 from hyperowl.engine.sampling import SamplingParams
@@ -37,6 +36,7 @@ from hyperowl.serve.media import fetch_remote
 from hyperowl.serve.scheduler import Job, Row
 from hyperowl.serve.settings import ServerSettings
 from tests.media import block_image, png_header, write_video
+from tests.server import free_port, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,8 @@ from hyperowl.processing.choices import MC_INSTRUCTION
 from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
 from hyperowl.processing.video import load_video
 from hyperowl.synthetic import TASKS, TaskMixture, TaskOptions, make_sample, write_dataset
+from hyperowl.synthetic.accuracy import answer_samples
 from hyperowl.synthetic.draw import COLOURS
-from hyperowl.synthetic.evaluate import answer_samples
 from hyperowl.synthetic.tasks import CHOICE_TASKS, REPEAT_WORDS
 from hyperowl.synthetic.video import NATIVE_FPS
 

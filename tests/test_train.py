@@ -17,7 +17,7 @@ from hyperowl.model.decoder import apply_rotary, rotary_cos_sin
 from hyperowl.processing.processor import IGNORE_INDEX, Owl3Processor
 from hyperowl.train.config import RecipeError, TrainConfig
 from hyperowl.train.data import DataError, Example, JsonlDataset, collate, encode, length_groups
-from hyperowl.train.model import build_from_scratch
+from hyperowl.train.policy import build_from_scratch
 from hyperowl.train.trainer import Trainer, make_dataset, train
 
 SCRATCH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "hyper_layers": [1],

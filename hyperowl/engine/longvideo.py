@@ -15,8 +15,8 @@ import torch
 
 from hyperowl.engine.memory import prefetch
 from hyperowl.model.owl3 import PixelStream
-from hyperowl.processing.chat import render_chat_with_spans
 from hyperowl.processing.image import image_to_tensor
+from hyperowl.processing.template import render_chat_with_spans
 from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
 from hyperowl.processing.video import VideoFileSource, count_sampled_frames, iter_video_chunks
 

@@ -12,7 +12,7 @@ Examples:
   hyperowl eval distractor-set --data MMBench_DEV_EN.tsv --out distractor_set.json
 
 --model also takes a transformers LLaVA checkpoint (the token-concatenation baseline,
-benchmarks/train_baseline.py), answered through the same prompts and scoring.
+hyperowl.baselines, trained by benchmarks/train_baseline.py), answered through the same prompts and scoring.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hyperowl.baselines import LlavaBaseline, is_llava_checkpoint
 from hyperowl.cli import add_model_arguments, load_model_and_processor, resolve_device
 from hyperowl.errors import HyperowlError
-from hyperowl.eval.baseline import LlavaBaseline, is_llava_checkpoint
 from hyperowl.eval.data import LOADERS, load_benchmark, load_mmbench_tsv
 from hyperowl.eval.distractor import DEFAULT_LEVELS, DEFAULT_VARIANTS, DistractorSet, build_distractor_set
 from hyperowl.eval.report import load_summaries, markdown_report, write_report
@@ -292,8 +292,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _make_synthetic(args: argparse.Namespace) -> int:
-    from hyperowl.eval.synthetic import write_synthetic_benchmarks
-    from hyperowl.synthetic.evaluate import HELD_OUT_SEED
+    from hyperowl.synthetic.accuracy import HELD_OUT_SEED
+    from hyperowl.synthetic.benchmark_files import write_synthetic_benchmarks
 
     seed = HELD_OUT_SEED if args.seed is None else args.seed
     files = write_synthetic_benchmarks(args.out, args.questions, args.multi_image, args.videos, seed)

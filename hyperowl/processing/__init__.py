@@ -1,8 +1,8 @@
 """Turning conversations, images and videos into mPLUG-Owl3 model inputs."""
 
-from hyperowl.processing.chat import render_chat, render_chat_with_spans
 from hyperowl.processing.image import cut_image, cut_placeholder, image_to_tensor, load_image, select_cut_anchor
 from hyperowl.processing.processor import IGNORE_INDEX, Owl3Batch, Owl3Processor
+from hyperowl.processing.template import render_chat, render_chat_with_spans
 from hyperowl.processing.tokenizer import (
     ENDOFTEXT,
     IM_END,

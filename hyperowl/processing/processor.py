@@ -14,8 +14,8 @@ from transformers import PreTrainedTokenizerBase
 
 from hyperowl.errors import CheckpointError, PromptError
 from hyperowl.hub import checkpoint_dir
-from hyperowl.processing.chat import Message, message_text, part_media, render_chat_with_spans
 from hyperowl.processing.image import DEFAULT_MAX_PIXELS, cut_image, cut_placeholder, image_to_tensor, load_image
+from hyperowl.processing.template import Message, message_text, part_media, render_chat_with_spans
 from hyperowl.processing.tokenizer import (
     END_VIDEO_FRAME,
     ENDOFTEXT,
@@ -252,7 +252,7 @@ class Owl3Processor:
                     ]
                 )
 
-        input_ids, attention_mask = _left_pad(token_lists, self._pad_token_id)
+        input_ids, attention_mask = left_pad([torch.tensor(ids, dtype=torch.long) for ids in token_lists], self._pad_token_id)
         is_image = input_ids == self._image_token_id
         seen = torch.cumsum(is_image, dim=1) - is_image.long()
         first = torch.tensor(first_image, dtype=torch.long)[:, None].expand_as(seen)
@@ -263,7 +263,7 @@ class Owl3Processor:
             "pixel_values": image_to_tensor(views, self.image_size) if views else None,
         }
         if return_labels:
-            data["labels"] = _left_pad(label_lists, IGNORE_INDEX)[0]
+            data["labels"] = left_pad([torch.tensor(labels, dtype=torch.long) for labels in label_lists], IGNORE_INDEX)[0]
         return Owl3Batch(data, frame_timestamps)
 
     def _expand_media(
@@ -350,13 +350,15 @@ def _check_count(placeholders: int, given: int, kind: str, index: int, is_batch:
         raise PromptError(f"{placeholders} {token} placeholder(s) but {given} {kind}(s) given{where}")
 
 
-def _left_pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad rows to one length: returns ``(values [B, T], mask [B, T])`` as long tensors."""
-    length = max(len(row) for row in rows)
-    values = torch.full((len(rows), length), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
+def left_pad(rows: Sequence[torch.Tensor], fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad 1-D tensors to one length with `fill`: ``(values [B, T], mask [B, T])``.
+
+    `values` has the rows' dtype and device; `mask` is long, 1 on the rows' entries and 0 on the padding.
+    """
+    length = max(row.shape[0] for row in rows)
+    values = torch.full((len(rows), length), fill, dtype=rows[0].dtype, device=rows[0].device)
+    mask = torch.zeros((len(rows), length), dtype=torch.long, device=rows[0].device)
     for b, row in enumerate(rows):
-        if row:
-            values[b, length - len(row) :] = torch.tensor(row, dtype=torch.long)
-            mask[b, length - len(row) :] = 1
+        values[b, length - row.shape[0] :] = row
+        mask[b, length - row.shape[0] :] = 1
     return values, mask

@@ -1,6 +1,6 @@
 """Seeded synthetic vision tasks (shapes, digits, scenes, picture sets, videos) for training and evaluation."""
 
-from hyperowl.synthetic.evaluate import HELD_OUT_SEED, evaluate_tasks
+from hyperowl.synthetic.accuracy import HELD_OUT_SEED, evaluate_tasks
 from hyperowl.synthetic.tasks import TASKS, Sample, TaskMixture, TaskOptions, make_sample
 from hyperowl.synthetic.write import write_dataset
 

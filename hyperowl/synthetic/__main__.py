@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from hyperowl.synthetic.evaluate import HELD_OUT_SEED, SINGLE_PICTURE_TASKS, evaluate_tasks
+from hyperowl.synthetic.accuracy import HELD_OUT_SEED, SINGLE_PICTURE_TASKS, evaluate_tasks
 from hyperowl.synthetic.tasks import TASKS, TaskOptions
 from hyperowl.synthetic.write import write_dataset
 
@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
+    from hyperowl.baselines import LlavaBaseline, is_llava_checkpoint
     from hyperowl.cli import resolve_device
     from hyperowl.engine.generate import Owl3ForCausalLM
-    from hyperowl.eval.baseline import LlavaBaseline, is_llava_checkpoint
     from hyperowl.processing.processor import Owl3Processor
 
     device = resolve_device(args.device)

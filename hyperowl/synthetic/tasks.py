@@ -38,8 +38,8 @@ from dataclasses import dataclass, field, replace
 
 from PIL import Image
 
-from hyperowl.processing.chat import render_chat
 from hyperowl.processing.choices import format_question, option_letter
+from hyperowl.processing.template import render_chat
 from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
 from hyperowl.synthetic.draw import COLOURS, SHAPES, digit_picture, scene_picture, shape_picture
 from hyperowl.synthetic.video import SyntheticVideo, random_video

@@ -12,13 +12,9 @@ from typing import Any, Literal
 
 import yaml
 
-from hyperowl.errors import HyperowlError
+from hyperowl.errors import RecipeError
 
 POLICIES = ("hyper", "full", "lora")
-
-
-class RecipeError(HyperowlError, ValueError):
-    """A training recipe has unknown keys, wrong types or contradictory settings."""
 
 
 @dataclass
@@ -34,7 +30,7 @@ class TrainConfig:
     generated in memory from `seed`; the first `synthetic_warmup_steps` steps draw from
     `synthetic_warmup_tasks` instead, a curriculum); `on_bad_row` = skip | fail for JSONL rows that
     cannot be used. `video_guidance` (synthetic data only) adds frame captions and attention targets to
-    the video questions (`hyperowl.train.guidance`).
+    the video questions (`hyperowl.synthetic.guidance`).
 
     Trainable parameters: `policy` hyper (projector + hyper-layer `v_kv_proj`/`gate_proj`, plus the
     hyper layers' whole attention with `hyper_attention`), full (LLM + projector) or lora (LoRA

@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 
 from hyperowl.errors import HyperowlError
-from hyperowl.processing.chat import ROLES
 from hyperowl.processing.processor import IGNORE_INDEX, Owl3Processor
+from hyperowl.processing.template import ROLES
 from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
+from hyperowl.synthetic.guidance import Targets, VideoFacts, VideoGuide, collate_targets, video_facts
 from hyperowl.synthetic.tasks import TaskMixture
-from hyperowl.train.guidance import Targets, VideoFacts, VideoGuide, collate_targets, video_facts
 
 log = logging.getLogger("hyperowl.train")
 

@@ -29,11 +29,11 @@ from tqdm.auto import tqdm
 from hyperowl.engine.generate import Owl3ForCausalLM
 from hyperowl.hub import checkpoint_dir
 from hyperowl.processing.processor import IGNORE_INDEX, Owl3Processor
+from hyperowl.synthetic.guidance import AttentionGuide, bind_video_guidance
 from hyperowl.synthetic.tasks import TaskMixture, TaskOptions
 from hyperowl.train.config import RecipeError, TrainConfig
 from hyperowl.train.data import JsonlDataset, MicroBatches, SyntheticDataset
-from hyperowl.train.guidance import AttentionGuide, VideoGuidance, VideoGuide
-from hyperowl.train.model import (
+from hyperowl.train.policy import (
     apply_policy,
     build_from_scratch,
     enable_gradient_checkpointing,
@@ -229,10 +229,7 @@ class Trainer:
         self.guide = None
         attention_guide = None
         if cfg.video_guidance:
-            guidance = VideoGuidance.from_dict(cfg.video_guidance)
-            guidance.check(self.model.config.num_hidden_layers, self.model.config.num_attention_heads)
-            self.guide = VideoGuide(guidance, self.processor.tokenizer, self.processor.image_token_id)
-            attention_guide = AttentionGuide(self.model, guidance) if guidance.heads else None
+            self.guide, attention_guide = bind_video_guidance(cfg.video_guidance, self.model, self.processor)
         self.wrapped = self._wrap(LossModule(self.model, attention_guide))
         self.optimizer = build_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
@@ -352,7 +349,7 @@ class Trainer:
         return float(self._all_sum(loss_sum)) / total_labels, float(grad_norm), global_tokens
 
     def _evaluate(self) -> dict[str, float]:
-        from hyperowl.synthetic.evaluate import evaluate_tasks
+        from hyperowl.synthetic.accuracy import evaluate_tasks
 
         opts = TaskOptions(image_size=self.model.config.vision_config.image_size)
         accuracy = evaluate_tasks(self.model, self.processor, self.cfg.eval_tasks, self.cfg.eval_n, opts=opts)

@@ -1,4 +1,4 @@
-"""Benchmark files in the published formats, built from the package's synthetic tasks (`hyperowl.synthetic`).
+"""Benchmark files in the published formats, built from the synthetic tasks (`hyperowl eval make-synthetic`).
 
 They let the whole evaluation pipeline run anywhere, without downloading a benchmark:
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from hyperowl.processing.choices import option_letter
 from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
-from hyperowl.synthetic.evaluate import HELD_OUT_SEED
+from hyperowl.synthetic.accuracy import HELD_OUT_SEED
 from hyperowl.synthetic.tasks import TaskOptions, answer_space, make_sample, sample_options
 
 #: Single-picture tasks turned into MMBench questions.

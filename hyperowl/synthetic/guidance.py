@@ -15,7 +15,7 @@ small default model (docs/train.md). A recipe's `video_guidance` adds, for each 
 
 The last two apply to "after X" questions only. Each attention target adds `weight * -log(attention mass on
 the target keys)` to the summed token loss. All of it is training only: the model, its checkpoint and the
-prompt layout stay official.
+prompt layout stay official. The trainer takes it through `bind_video_guidance`.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hyperowl.errors import RecipeError
 from hyperowl.model.decoder import apply_rotary
-from hyperowl.processing.processor import IGNORE_INDEX
+from hyperowl.processing.processor import IGNORE_INDEX, Owl3Processor
 from hyperowl.synthetic.draw import COLOURS, SHAPES
 from hyperowl.synthetic.tasks import Sample
-from hyperowl.train.config import RecipeError
 
 ROLES = ("previous_shape", "question_shape", "answer_frames")
 
@@ -239,3 +239,15 @@ class AttentionGuide:
             self.loss = self.loss + self.weight * target_attention_loss(module, x, ctx, head, *self.targets[role])
 
         return hook
+
+
+def bind_video_guidance(
+    spec: dict[str, Any], model: nn.Module, processor: Owl3Processor
+) -> tuple[VideoGuide, AttentionGuide | None]:
+    """A recipe's `video_guidance` dict bound to `model` and its `processor`: the builder of each sample's
+    targets (for the data) and the hooks adding the attention-target loss (None when no head is guided).
+    Raises `RecipeError` for a bad dict or a head outside the model."""
+    guidance = VideoGuidance.from_dict(spec)
+    guidance.check(model.config.num_hidden_layers, model.config.num_attention_heads)
+    targets = VideoGuide(guidance, processor.tokenizer, processor.image_token_id)
+    return targets, AttentionGuide(model, guidance) if guidance.heads else None
