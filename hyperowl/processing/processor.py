@@ -10,13 +10,12 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import PreTrainedTokenizerBase
 
 from hyperowl.errors import CheckpointError, PromptError
 from hyperowl.hub import checkpoint_dir
 from hyperowl.processing.chat import Message, message_text, part_media, render_chat_with_spans
 from hyperowl.processing.image import DEFAULT_MAX_PIXELS, cut_image, cut_placeholder, image_to_tensor, load_image
-from hyperowl.processing.tokenizer import ENDOFTEXT, IM_END, IMAGE_TOKEN, VIDEO_TOKEN, load_tokenizer, single_token_id
+from hyperowl.processing.tokenizer import ENDOFTEXT, IM_END, IMAGE_TOKEN, VIDEO_TOKEN, Tokenizer, load_tokenizer, single_token_id
 from hyperowl.processing.video import VideoClip, load_video
 
 _MEDIA_PATTERN = re.compile(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}")
@@ -71,7 +70,7 @@ class Owl3Processor:
 
     def __init__(
         self,
-        tokenizer: PreTrainedTokenizerBase,
+        tokenizer: Tokenizer,
         image_size: int,
         cut_enable: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
