@@ -200,7 +200,7 @@ def load(url: str, mode: str, round_: int, clients: int, per_client: int, max_to
 def git_commit() -> str:
     """Short hash of the checkout the numbers come from, with `+changes` when it has uncommitted edits."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
@@ -315,9 +315,11 @@ def main() -> int:
         f"- command: `{command}`",
         f"- machine: {machine}",
         f"- date: {started:%Y-%m-%d %H:%M} UTC; git commit {git_commit()}",
-        f"- load: {args.requests} requests per client, {args.max_tokens} tokens each (ignore_eos, greedy)"
-        f"{', every second request with a 96x64 image' if image else ''}; --max-batch-size {args.batch_size} vs 1; "
-        f"server threads: {args.num_threads or 'torch default'}; both servers up, bursts alternating",
+        (
+            f"- load: {args.requests} requests per client, {args.max_tokens} tokens each (ignore_eos, greedy)"
+            f"{', every second request with a 96x64 image' if image else ''}; --max-batch-size {args.batch_size} vs 1; "
+            f"server threads: {args.num_threads or 'torch default'}; both servers up, bursts alternating"
+        ),
         "",
         f"### Median over {args.rounds} rounds",
         "",

@@ -33,10 +33,10 @@ from hyperowl.engine.sampling import SamplingParams
 from hyperowl.model.owl3 import Owl3ForCausalLM
 from hyperowl.processing.processor import Owl3Processor
 from hyperowl.processing.video import load_video
+from hyperowl.serve import scheduler as scheduler_module
 from hyperowl.serve.app import create_app
 from hyperowl.serve.errors import ApiError
 from hyperowl.serve.media import fetch_remote
-from hyperowl.serve import scheduler as scheduler_module
 from hyperowl.serve.scheduler import Job, Row
 from hyperowl.serve.settings import ServerSettings
 from tests.media import block_image, png_header, write_video

@@ -19,7 +19,7 @@ def test_serve_load_writes_its_result_file(tiny_checkpoint, tmp_path):
     assert f"- command: `python benchmarks/serve_load.py {' '.join(args)}`" in text
     assert re.search(r"- machine: .+, \d+ cores, torch \S+; load average", text)
     assert re.search(r"- date: \d{4}-\d\d-\d\d \d\d:\d\d UTC; git commit \w+", text)
-    bursts = re.findall(r"^\| (\d) \| (\d) \| (batched|one at a time) \| (\d) \| ([\d.]+) \|", text, flags=re.M)
+    bursts = re.findall(r"^\| (\d) \| (\d) \| (batched|one at a time) \| (\d) \| ([\d.]+) \|", text, flags=re.MULTILINE)
     # round 1 batched first, round 2 one-at-a-time first; each concurrency's pair adjacent; requests = clients x 1
     assert [(r, c, mode, n) for r, c, mode, n, _ in bursts] == [
         ("1", "1", "batched", "1"),
@@ -32,4 +32,4 @@ def test_serve_load_writes_its_result_file(tiny_checkpoint, tmp_path):
         ("2", "2", "batched", "2"),
     ]
     assert all(float(tokens_per_s) > 0 for *_, tokens_per_s in bursts)
-    assert len(re.findall(r"^\| [12] \| [\d.]+ \([\d.]+-[\d.]+\) \|", text, flags=re.M)) == 2  # the medians table
+    assert len(re.findall(r"^\| [12] \| [\d.]+ \([\d.]+-[\d.]+\) \|", text, flags=re.MULTILINE)) == 2  # the medians table

@@ -20,8 +20,10 @@ BUNDLED = Path(hyperowl.__file__).parent / "assets" / "default-model"
 
 TEXTS = [
     "",
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|image|> What colour is the square?<|im_end|>\n"
-    "<|im_start|>assistant\nThe square is red.<|im_end|><|endoftext|>",
+    (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|image|> What colour is the square?"
+        "<|im_end|>\n<|im_start|>assistant\nThe square is red.<|im_end|><|endoftext|>"
+    ),
     "  two leading spaces, trailing  \n\n\ttab, It's 3.14159 and they'll've 12345 items!!",
     "Café naïve e\u0301 (combining accent) 日本語のテキスト 🦉🦉 ‹quotes›",
     "<|video|><|video|>Which picture shows a green triangle?<|image|><|image|>",
