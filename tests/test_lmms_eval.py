@@ -54,12 +54,12 @@ def test_user_message_places_visuals_like_the_official_prompt():
         user_message("<image> Which?", [image, image])
 
 
-def write_docs(out: Path, n: int) -> list[dict]:
-    """Held-out synthetic single-picture and video questions as lmms-eval docs (`out/lmms_data/docs.jsonl`)."""
+def write_docs(out: Path, n: int, tasks: tuple[str, ...] = ("single", "video")) -> list[dict]:
+    """`n` held-out synthetic questions of each of `tasks` as lmms-eval docs (`out/lmms_data/docs.jsonl`)."""
     data = out / "lmms_data"
     data.mkdir(parents=True)
     docs = []
-    for task in ("single", "video"):
+    for task in tasks:
         for i in range(n):
             sample = make_sample(task, HELD_OUT_SEED, i)
             choices, label = sample_options(random.Random(i), sample)
@@ -117,25 +117,54 @@ def test_continuation_loss_equals_a_plain_forward_over_the_whole_answer(tmp_path
         assert greedy == bool((logits[0, positions - 1].argmax(-1) == batch["input_ids"][0, positions]).all())
 
 
+def run_lmms_eval(folder: Path, model: str, model_args: str, *extra: str) -> tuple[dict, list[str]]:
+    """`python -m lmms_eval` on the local task in `folder` (docs already written there): the task's results and
+    the answers in doc order."""
+    for name in ("utils.py", "hyperowl_synthetic_gen.yaml"):
+        shutil.copy(TASK_DIR / name, folder / name)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO), "OPENAI_API_KEY": "unused"}
+    command = [sys.executable, "-m", "lmms_eval", "--model", model, "--model_args", model_args, *extra]
+    command += ["--tasks", "hyperowl_synthetic_gen", "--include_path", str(folder)]
+    command += ["--output_path", str(folder / "out"), "--log_samples"]
+    run = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=900, check=False)
+    written = list((folder / "out").rglob("*_results.json"))  # lmms-eval exits 0 after errors too
+    assert run.returncode == 0 and len(written) == 1, run.stderr[-3000:]
+    samples = {}
+    for path in (folder / "out").rglob("*_samples_hyperowl_synthetic_gen.jsonl"):
+        samples.update({json.loads(line)["doc_id"]: json.loads(line) for line in path.read_text().splitlines()})
+    return json.loads(written[0].read_text())["results"]["hyperowl_synthetic_gen"], [samples[i]["filtered_resps"] for i in sorted(samples)]
+
+
 def test_lmms_eval_run_on_local_tasks_equals_hyperowl(tmp_path):
     docs = write_docs(tmp_path, 4)
-    for name in ("utils.py", "hyperowl_synthetic_gen.yaml"):
-        shutil.copy(TASK_DIR / name, tmp_path / name)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "lmms_eval", "--model", "hyperowl", "--model_args", f"pretrained={BUNDLED},device=cpu"]
-    command += ["--tasks", "hyperowl_synthetic_gen", "--include_path", str(tmp_path)]
-    command += ["--batch_size", "3", "--output_path", str(tmp_path / "out"), "--log_samples"]
-    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, check=False)
-    written = list((tmp_path / "out").rglob("*_results.json"))  # lmms-eval exits 0 after errors too
-    assert run.returncode == 0 and len(written) == 1, run.stderr[-3000:]
-    results = json.loads(written[0].read_text())["results"]
-    samples = {}
-    for path in (tmp_path / "out").rglob("*_samples_hyperowl_synthetic_gen.jsonl"):
-        samples.update({json.loads(line)["doc_id"]: json.loads(line) for line in path.read_text().splitlines()})
+    results, answers = run_lmms_eval(tmp_path, "hyperowl", f"pretrained={BUNDLED},device=cpu", "--batch_size", "3")
     model = Owl3ForCausalLM.from_pretrained(BUNDLED)
     processor = Owl3Processor.from_pretrained(BUNDLED)
     expected = [reference_answer(model, processor, doc) for doc in docs]
-    assert [samples[i]["filtered_resps"] for i in range(len(docs))] == expected
+    assert answers == expected
     right = sum(answer == doc["answer"] for answer, doc in zip(expected, docs)) / len(docs)
-    assert results["hyperowl_synthetic_gen"]["exact_match,none"] == pytest.approx(right)
+    assert results["exact_match,none"] == pytest.approx(right)
     assert right >= 0.5  # the bundled model: single pictures 1.00, video order 0.86 held out
+
+
+def test_lmms_eval_openai_backend_against_hyperowl_serve(tmp_path):
+    """lmms-eval's own OpenAI-compatible model against `hyperowl serve` (pictures only: that backend reads videos
+    with decord, which lmms-eval does not install)."""
+    from benchmarks.serve_load import free_port, wait_ready
+
+    docs = write_docs(tmp_path, 4, tasks=("single",))
+    port = free_port()
+    command = [sys.executable, "-m", "hyperowl.cli", "serve", "--model", str(BUNDLED), "--port", str(port), "--log-level", "warning"]
+    server = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", server)
+        results, answers = run_lmms_eval(
+            tmp_path, "openai", f"model_version=default-model,base_url=http://127.0.0.1:{port}/v1,num_concurrent=2"
+        )
+    finally:
+        server.terminate()
+        server.wait(30)
+    model = Owl3ForCausalLM.from_pretrained(BUNDLED)
+    processor = Owl3Processor.from_pretrained(BUNDLED)
+    assert answers == [reference_answer(model, processor, doc) for doc in docs]
+    assert results["exact_match,none"] == pytest.approx(sum(a == d["answer"] for a, d in zip(answers, docs)) / len(docs))
