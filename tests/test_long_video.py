@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import time
+import threading
 
 import pytest
 import torch
@@ -192,22 +192,25 @@ def test_limit_error_says_how_many_frames_fit():
 
 
 def test_prefetch_runs_ahead_and_reraises():
-    produced = []
+    """The producer thread runs `depth` items ahead (plus the one it holds), no further, and its error reaches the
+    consumer. Synchronised with events: the 30 s waits only keep a broken prefetch from hanging the suite."""
+    asked = [threading.Event() for _ in range(6)]
 
     def items():
         for i in range(5):
-            produced.append(i)
+            asked[i].set()
             yield i
+        asked[5].set()
         raise ValueError("broken file")
 
     it = prefetch(items(), depth=2)
     assert next(it) == 0
-    deadline = time.monotonic() + 5
-    while len(produced) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(produced) == 3  # two items decoded ahead while the consumer was busy, no more
+    assert asked[3].wait(timeout=30)  # items 1 and 2 queued, item 3 decoded while the consumer is busy
+    assert not asked[4].is_set()  # the queue is full: the producer waits for the consumer
+    assert next(it) == 1
+    assert asked[4].wait(timeout=30)
+    assert [next(it) for _ in range(3)] == [2, 3, 4]
     with pytest.raises(ValueError, match="broken file"):
-        assert [next(it) for _ in range(4)] == [1, 2, 3, 4]
         next(it)
 
 

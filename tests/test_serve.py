@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +31,7 @@ from hyperowl.engine.generate import Owl3ForCausalLM, prefill
 from hyperowl.engine.sampling import SamplingParams
 from hyperowl.processing.processor import Owl3Processor
 from hyperowl.processing.video import load_video
+from hyperowl.serve import scheduler as scheduler_module
 from hyperowl.serve.app import create_app
 from hyperowl.serve.errors import ApiError
 from hyperowl.serve.media import fetch_remote
@@ -39,6 +41,9 @@ from tests.media import block_image, png_header, write_video
 from tests.server import free_port, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
+#: Seconds a test client waits for an answer: far above any request of these tests (tiny model, short
+#: answers); it only keeps a hung server from hanging the suite.
+TIMEOUT = 120
 
 COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
 
@@ -335,15 +340,15 @@ def test_sixteen_concurrent_requests_equal_their_sequential_answers(
 def decode_batch_histogram(server: str) -> dict[str, float]:
     """Cumulative counts of `hyperowl_decode_batch_size` by bucket bound."""
     prefix = 'hyperowl_decode_batch_size_bucket{le="'
-    lines = [line for line in httpx.get(f"{server}/metrics").text.splitlines() if line.startswith(prefix)]
+    lines = [line for line in httpx.get(f"{server}/metrics", timeout=TIMEOUT).text.splitlines() if line.startswith(prefix)]
     return {line[len(prefix) :].split('"')[0]: float(line.rsplit(" ", 1)[1]) for line in lines}
 
 
 def test_models_health_metrics(server: str, client: openai.OpenAI, model_name: str) -> None:
     assert [m.id for m in client.models.list()] == [model_name]
-    health = httpx.get(f"{server}/health").json()
+    health = httpx.get(f"{server}/health", timeout=TIMEOUT).json()
     assert health["status"] == "ok" and health["model"] == model_name
-    text = httpx.get(f"{server}/metrics").text
+    text = httpx.get(f"{server}/metrics", timeout=TIMEOUT).text
     for name in (
         "hyperowl_requests_total",
         "hyperowl_errors_total",
@@ -461,7 +466,7 @@ def test_every_bad_input_gets_its_4xx_and_the_server_keeps_serving(
         ):
             failures.append((name, response.status_code, response.text[:300]))
     assert not failures
-    assert httpx.get(f"{server}/nowhere").json()["error"]["code"] == "not_found"
+    assert httpx.get(f"{server}/nowhere", timeout=TIMEOUT).json()["error"]["code"] == "not_found"
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hi"}], max_tokens=5000)
     messages = [{"role": "user", "content": "yes or no"}]
@@ -469,7 +474,8 @@ def test_every_bad_input_gets_its_4xx_and_the_server_keeps_serving(
     assert reply.choices[0].message.content == ref.answer(messages, max_tokens=8)[0]
 
 
-def wait_until(condition, timeout: float = 30.0) -> bool:
+def wait_until(condition, timeout: float = TIMEOUT) -> bool:
+    """Poll `condition` until it holds; the bound only keeps a broken server from hanging the suite."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if condition():
@@ -486,22 +492,53 @@ def test_disconnected_clients_are_cancelled(server: str, model_name: str) -> Non
         "ignore_eos": True,
         "temperature": 0,
     }
-    active = lambda: httpx.get(f"{server}/health").json()["active"]
-    with httpx.stream("POST", f"{server}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as response:
+    active = lambda: httpx.get(f"{server}/health", timeout=TIMEOUT).json()["active"]
+    # 3000 tokens take far longer than the few polls of /health before the client leaves
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json={**body, "stream": True}, timeout=TIMEOUT) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
         assert wait_until(lambda: active() == 1)
-    assert wait_until(lambda: active() == 0, timeout=10), "streaming request kept running after the client left"
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=1.5))
-    assert wait_until(lambda: active() == 0, timeout=10), "request kept running after the client left"
+    assert wait_until(lambda: active() == 0), "streaming request kept running after the client left"
+    payload = json.dumps(body).encode()
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as raw:  # a plain request whose client hangs up mid-generation
+        raw.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            % (host.encode(), len(payload))
+            + payload
+        )
+        assert wait_until(lambda: active() == 1)
+    assert wait_until(lambda: active() == 0), "request kept running after the client left"
+
+
+class MovableClock:
+    """Stands in for the scheduler's `time` module: the real monotonic clock plus an offset the test moves
+    forward, so a request's deadline passes when the test says so, whatever the machine's speed."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
 
 
 @pytest.fixture(scope="module")
-def strict(ref: Reference) -> Iterator[str]:
-    """In-process server: API key, one request at a time, no queue, 1.5 s per request."""
+def strict_clock() -> Iterator[MovableClock]:
+    clock = MovableClock()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(scheduler_module, "time", clock)
+        yield clock
+
+
+@pytest.fixture(scope="module")
+def strict(ref: Reference, strict_clock: MovableClock) -> Iterator[str]:
+    """In-process server: API key, one request at a time, no queue, 60 s per request on `strict_clock` (the
+    tests move that clock past the limit; requests that should finish take well under it)."""
     settings = ServerSettings(
-        model_name="strict", api_key="sesame", max_batch_size=1, max_queue=0, request_timeout_s=1.5, max_tokens=4000
+        model_name="strict", api_key="sesame", max_batch_size=1, max_queue=0, request_timeout_s=60, max_tokens=4000
     )
     with thread_server(ref.model, ref.processor, settings) as url:
         yield url
@@ -510,46 +547,57 @@ def strict(ref: Reference) -> Iterator[str]:
 def test_api_key(strict: str) -> None:
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame"}):
-        response = httpx.post(f"{strict}/v1/chat/completions", json=body, headers=headers)
+        response = httpx.post(f"{strict}/v1/chat/completions", json=body, headers=headers, timeout=TIMEOUT)
         assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
-    assert httpx.get(f"{strict}/v1/models").status_code == 401
-    assert httpx.get(f"{strict}/metrics").status_code == 401
-    assert httpx.get(f"{strict}/health").status_code == 200
+    assert httpx.get(f"{strict}/v1/models", timeout=TIMEOUT).status_code == 401
+    assert httpx.get(f"{strict}/metrics", timeout=TIMEOUT).status_code == 401
+    assert httpx.get(f"{strict}/health", timeout=TIMEOUT).status_code == 200
     good = openai.OpenAI(base_url=f"{strict}/v1", api_key="sesame", max_retries=0)
     assert good.chat.completions.create(model="strict", messages=body["messages"], max_tokens=2).usage.completion_tokens >= 1
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{strict}/v1", api_key="nope", max_retries=0).models.list()
 
 
-def test_queue_limit_and_timeout(strict: str) -> None:
+def test_queue_limit_and_timeout(strict: str, strict_clock: MovableClock) -> None:
     headers = {"Authorization": "Bearer sesame"}
     long = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000, "ignore_eos": True}
     results: dict[str, httpx.Response] = {}
     thread = threading.Thread(
-        target=lambda: results.update(long=httpx.post(f"{strict}/v1/chat/completions", json=long, headers=headers, timeout=60))
+        target=lambda: results.update(
+            long=httpx.post(f"{strict}/v1/chat/completions", json=long, headers=headers, timeout=TIMEOUT)
+        )
     )
     thread.start()
-    assert wait_until(lambda: httpx.get(f"{strict}/health").json()["active"] == 1)
-    busy = httpx.post(f"{strict}/v1/chat/completions", json={"messages": long["messages"], "max_tokens": 2}, headers=headers)
+    assert wait_until(lambda: httpx.get(f"{strict}/health", timeout=TIMEOUT).json()["active"] == 1)
+    short = {"messages": long["messages"], "max_tokens": 2}
+    busy = httpx.post(f"{strict}/v1/chat/completions", json=short, headers=headers, timeout=TIMEOUT)
     assert busy.status_code == 503 and busy.json()["error"]["code"] == "max_queue" and busy.headers["retry-after"] == "1"
-    thread.join(30)
+    strict_clock.offset += 61  # past the running request's deadline (its 4000 tokens are far from done)
+    thread.join(TIMEOUT)
     assert results["long"].status_code == 408 and results["long"].json()["error"]["code"] == "request_timeout_s"
+    assert "did not finish within 60 s" in results["long"].json()["error"]["message"]
     with httpx.stream(
-        "POST", f"{strict}/v1/chat/completions", json={**long, "stream": True}, headers=headers, timeout=60
+        "POST", f"{strict}/v1/chat/completions", json={**long, "stream": True}, headers=headers, timeout=TIMEOUT
     ) as response:
-        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+        lines = (line[6:] for line in response.iter_lines() if line.startswith("data: "))
+        events = [next(lines)]  # generating
+        strict_clock.offset += 61
+        events += list(lines)
     assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "request_timeout_s"
-    ok = httpx.post(f"{strict}/v1/chat/completions", json={"messages": long["messages"], "max_tokens": 2}, headers=headers)
+    ok = httpx.post(f"{strict}/v1/chat/completions", json=short, headers=headers, timeout=TIMEOUT)
     assert ok.status_code == 200
 
 
 def test_remote_media_size_cap_and_timeout() -> None:
+    """/slow answers only once the test is over, so its fetch times out whatever the limit; the other fetches
+    get a limit far above a loopback transfer of 5 kB."""
     payload = b"x" * 5000
+    release = threading.Event()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path == "/slow":
-                time.sleep(2)
+                release.wait(TIMEOUT)
             self.send_response(200 if self.path != "/missing" else 404)
             self.end_headers()
             try:
@@ -564,11 +612,12 @@ def test_remote_media_size_cap_and_timeout() -> None:
     threading.Thread(target=http.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{http.server_address[1]}"
     try:
-        allowed = ServerSettings(allow_remote_media=True, max_media_bytes=8000, remote_timeout_s=0.5)
+        allowed = ServerSettings(allow_remote_media=True, max_media_bytes=8000, remote_timeout_s=TIMEOUT)
         assert asyncio.run(fetch_remote(f"{base}/ok", allowed)) == payload
+        impatient = ServerSettings(allow_remote_media=True, max_media_bytes=8000, remote_timeout_s=0.2)
         for path, settings, code in (
             ("/ok", ServerSettings(allow_remote_media=True, max_media_bytes=1000), "max_media_bytes"),
-            ("/slow", allowed, "media_fetch_timeout"),
+            ("/slow", impatient, "media_fetch_timeout"),
             ("/missing", allowed, "media_fetch_failed"),
             ("/ok", ServerSettings(), "remote_media_disabled"),
         ):
@@ -576,6 +625,7 @@ def test_remote_media_size_cap_and_timeout() -> None:
                 asyncio.run(fetch_remote(f"{base}{path}", settings))
             assert info.value.code == code and info.value.status == 400
     finally:
+        release.set()
         http.shutdown()
 
 

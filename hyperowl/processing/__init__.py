@@ -9,6 +9,7 @@ from hyperowl.processing.tokenizer import (
     IM_START,
     IMAGE_TOKEN,
     VIDEO_TOKEN,
+    Tokenizer,
     load_tokenizer,
     train_tokenizer,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "VIDEO_TOKEN",
     "Owl3Batch",
     "Owl3Processor",
+    "Tokenizer",
     "VideoClip",
     "cut_image",
     "cut_placeholder",

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import PreTrainedTokenizerBase
 
 from hyperowl.errors import CheckpointError, PromptError
 from hyperowl.hub import checkpoint_dir
@@ -24,6 +23,7 @@ from hyperowl.processing.tokenizer import (
     MARKERS_241101,
     START_VIDEO_FRAME,
     VIDEO_TOKEN,
+    Tokenizer,
     load_tokenizer,
     single_token_id,
 )
@@ -91,7 +91,7 @@ class Owl3Processor:
 
     def __init__(
         self,
-        tokenizer: PreTrainedTokenizerBase,
+        tokenizer: Tokenizer,
         image_size: int,
         cut_enable: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -313,7 +313,7 @@ class Owl3Processor:
         return [_MEDIA_PATTERN.sub(expand, text) for text in texts], views, timestamps
 
 
-def has_241101_markers(tokenizer: PreTrainedTokenizerBase) -> bool:
+def has_241101_markers(tokenizer: Tokenizer) -> bool:
     """Whether the tokenizer encodes every 241101 media marker (:data:`MARKERS_241101`) as one token."""
     return all(single_token_id(tokenizer, marker) is not None for marker in MARKERS_241101)
 
