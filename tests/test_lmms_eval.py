@@ -22,7 +22,7 @@ import torch
 
 pytest.importorskip("lmms_eval")
 
-from hyperowl.synthetic.evaluate import HELD_OUT_SEED
+from hyperowl.synthetic.accuracy import HELD_OUT_SEED
 
 import hyperowl
 from hyperowl import Owl3ForCausalLM, Owl3Processor
