@@ -22,13 +22,12 @@ import torch
 
 pytest.importorskip("lmms_eval")
 
-from hyperowl.synthetic.accuracy import HELD_OUT_SEED
-
 import hyperowl
 from hyperowl import Owl3ForCausalLM, Owl3Processor
 from hyperowl.errors import PromptError
 from hyperowl.integrations.lmms_eval import Hyperowl, user_message
 from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
+from hyperowl.synthetic.accuracy import HELD_OUT_SEED
 from hyperowl.synthetic.tasks import make_sample, sample_options
 
 REPO = Path(__file__).resolve().parents[1]
