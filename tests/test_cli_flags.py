@@ -62,6 +62,7 @@ def test_an_empty_question_is_an_error_not_interactive_mode(tiny_checkpoint: Pat
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip() == "hyperowl chat: error: the question is empty; leave it out to chat interactively"

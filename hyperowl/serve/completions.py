@@ -25,6 +25,7 @@ from hyperowl.serve.scheduler import Finished, Job, TokenLogprob
 from hyperowl.serve.schema import ChatCompletionRequest, ChatMessage, ImageUrlPart, TextPart
 from hyperowl.serve.settings import ServerSettings
 
+
 @dataclass
 class MediaPart:
     """One image or video of a request, in message order."""

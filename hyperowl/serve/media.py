@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ctypes
+import functools
 import io
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import unquote, unquote_to_bytes, urlparse
@@ -156,6 +158,19 @@ def video_frame_size(source: MediaSource, index: int) -> tuple[int, int]:
         raise MediaError(f"cannot read video {index + 1}: {exc}") from exc
 
 
+def _malloc_trim() -> Callable[[], object]:
+    """glibc's `malloc_trim(0)` (hands freed heap memory back to the system), or a no-op elsewhere."""
+    try:
+        return functools.partial(ctypes.CDLL("libc.so.6").malloc_trim, 0)
+    except (OSError, AttributeError):
+        return lambda: None
+
+
+#: Called when the last decoding request finishes: decoded media are freed by then, and glibc would
+#: otherwise keep their pages (hundreds of MB after a few large images) for the life of the process.
+release_free_memory = _malloc_trim()
+
+
 class DecodeGate:
     """Bounds media decoding across requests: at most `slots` requests decode at once, and the pixels
     they decode together stay within `pixel_budget` (a request needing more than the whole budget waits
@@ -185,6 +200,8 @@ class DecodeGate:
                 self.decoding -= 1
                 self.pixels -= pixels
                 self._changed.notify_all()
+            if self.decoding == 0 and pixels:
+                release_free_memory()
 
 
 def load_checked_image(source: MediaSource, index: int, settings: ServerSettings) -> Image.Image:

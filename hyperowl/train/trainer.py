@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -161,7 +162,7 @@ def checkpoint_problem(path: Path) -> str | None:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
         if not isinstance(state, dict) or not {"step", "optimizer", "scheduler", "rng"} <= state.keys():
             return f"{STATE_FILE} lacks the trainer state"
-    except Exception as exc:  # torch.load raises many types (EOFError, RuntimeError, UnpicklingError) for a bad file
+    except (EOFError, OSError, RuntimeError, ValueError, KeyError, AttributeError, pickle.UnpicklingError) as exc:
         return f"{STATE_FILE} is unreadable ({type(exc).__name__}: {exc})"
     try:
         json.loads((path / "config.json").read_text())
