@@ -141,6 +141,36 @@ def test_an_exception_while_admitting_fails_only_that_request(tiny_model: tuple[
     assert isinstance(last, Finished) and last.completion_tokens >= 1
 
 
+def test_an_exception_while_sampling_one_row_fails_only_that_row(tiny_model: tuple[Owl3ForCausalLM, Owl3Processor]) -> None:
+    model, processor = tiny_model
+    scheduler = Scheduler(model, processor.decode, processor.stop_token_ids, ServerMetrics(), max_batch_size=2, max_queue=4)
+    batch = processor([{"role": "user", "content": "yes or no"}])
+
+    async def last_event(job: Job) -> Any:
+        event = await asyncio.wait_for(job.events.get(), 120)
+        while not isinstance(event, Finished | Failed):
+            event = await asyncio.wait_for(job.events.get(), 120)
+        return event
+
+    async def run() -> tuple[Any, Any]:
+        params = [SamplingParams(max_new_tokens=300, do_sample=True, seed=i) for i in range(2)]
+        bad, good = (Job(batch, p, [], True, 120.0) for p in params)
+        scheduler.submit(bad)
+        scheduler.submit(good)
+        while scheduler.active < 2:
+            await asyncio.sleep(0.01)
+        bad.params.top_k = -5  # from now on sampling this row raises inside the decode step
+        return await last_event(bad), await last_event(good)
+
+    scheduler.start()
+    try:
+        bad, good = asyncio.run(run())
+    finally:
+        scheduler.stop()
+    assert isinstance(bad, Failed) and bad.error.status == 500
+    assert isinstance(good, Finished) and good.completion_tokens == 300
+
+
 def test_a_dead_scheduler_thread_ends_the_server_with_an_error(tiny_checkpoint: Path) -> None:
     """The scheduler thread is made to die (a fault injected into its loop): the process must exit non-zero."""
     port = free_port()

@@ -375,11 +375,11 @@ class Scheduler:
         self.rows.append(row)
 
     def _step(self) -> None:
-        """One decode step for every row, then drop the rows that are done."""
+        """One decode step for every row, then drop the rows that are done. A failing batch forward fails
+        every row; a row whose own sampling or text handling fails is dropped alone."""
         try:
             tokens = torch.tensor([row.last for row in self.rows], dtype=torch.long)
             logits = self.batch.step(tokens)
-            reasons = [row.accept(row.sample(logits[i])) for i, row in enumerate(self.rows)]
         except Exception as exc:
             log.exception("decode step failed")
             error = ApiError(500, f"decode step failed: {exc}", type="server_error", code="internal_error")
@@ -387,12 +387,21 @@ class Scheduler:
                 row.job.emit(Failed(error))
             self.rows, self.batch = [], DecodeBatch(self.model)
             return
+        reasons: list[str | None | Exception] = []
+        for i, row in enumerate(self.rows):
+            try:
+                reasons.append(row.accept(row.sample(logits[i])))
+            except Exception as exc:
+                log.exception("sampling a row failed")
+                reasons.append(exc)
         self.metrics.count_tokens(len(self.rows))
         self.metrics.decode_batch.observe(len(self.rows))
         now = time.monotonic()
         keep = []
         for i, (row, reason) in enumerate(zip(self.rows, reasons)):
-            if reason is not None:
+            if isinstance(reason, Exception):
+                row.job.emit(Failed(ApiError(500, f"decode step failed: {reason}", type="server_error", code="internal_error")))
+            elif reason is not None:
                 self._finish(row, reason)
             elif row.job.cancelled:
                 continue
