@@ -9,6 +9,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 from hyperowl.cli import add_model_arguments, load_model_and_processor
 from hyperowl.config import GenerationConfig
 from hyperowl.engine.conversation import ChatSession
-from hyperowl.engine.sampling import SamplingParams
+from hyperowl.engine.sampling import REPETITION_PENALTY_RANGE, SEED_RANGE, SamplingParams
 from hyperowl.errors import HyperowlError
 
 #: Answer length when neither --max-new-tokens nor the model's generation config sets one.
@@ -43,7 +44,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stats", action="store_true", help="print first-token latency and speed after each answer")
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """`HyperowlError` naming the first flag with a value out of range (before any model is loaded)."""
+    low, high = REPETITION_PENALTY_RANGE
+    checks = [
+        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens is None or args.max_new_tokens >= 1, "must be >= 1"),
+        ("--max-frames", args.max_frames, args.max_frames is None or args.max_frames >= 1, "must be >= 1"),
+        ("--fps", args.fps, args.fps is None or args.fps > 0, "must be > 0"),
+        ("--temperature", args.temperature, args.temperature is None or 0 <= args.temperature < math.inf, "must be >= 0 and finite (0 = greedy)"),
+        ("--top-p", args.top_p, args.top_p is None or 0 < args.top_p <= 1, "must be in (0, 1]"),
+        ("--top-k", args.top_k, args.top_k is None or args.top_k >= 0, "must be >= 0 (0 = off)"),
+        (
+            "--repetition-penalty",
+            args.repetition_penalty,
+            args.repetition_penalty is None or low <= args.repetition_penalty <= high,
+            f"must be in [{low:g}, {high:g}]",
+        ),
+        ("--seed", args.seed, args.seed is None or SEED_RANGE[0] <= args.seed <= SEED_RANGE[1], "must be in [-2**63, 2**64 - 1]"),
+        ("--vision-chunk-size", args.vision_chunk_size, args.vision_chunk_size is None or args.vision_chunk_size >= 1, "must be >= 1"),
+    ]
+    for flag, value, ok, rule in checks:
+        if not ok:
+            raise HyperowlError(f"{flag} {rule}, got {value}")
+    if args.question is not None and not args.question.strip():
+        raise HyperowlError("the question is empty; leave it out to chat interactively")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_flags(args)
     overrides = {"cut_enable": not args.no_cut}
     if args.max_frames is not None:
         overrides["max_frames"] = args.max_frames
@@ -53,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     params = sampling_params(args, model.generation_config)
     session = ChatSession(model, processor, system=args.system, params=params, vision_chunk_size=args.vision_chunk_size, progress=True)
     images, videos = [str(p) for p in args.image], [str(p) for p in args.video]
-    if args.question:
+    if args.question is not None:
         answer(session, args.question, images, videos, args.stats)
         return 0
     print("hyperowl chat: type a question; /image PATH or /video PATH attaches media to the next question; /quit ends.")

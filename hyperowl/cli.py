@@ -26,10 +26,26 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(device: str | None) -> str:
-    """`device` as given, else cuda when a GPU is available, else cpu."""
+    """`device` as given (checked: a device type torch knows and this machine has), else cuda when a GPU
+    is available, else cpu."""
     import torch
 
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise HyperowlError(f"--device {device}: not a device (use cpu, cuda or cuda:N)") from exc
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise HyperowlError(f"--device {device}: no CUDA GPU is available on this machine")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise HyperowlError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise HyperowlError(f"--device {device}: MPS is not available on this machine")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise HyperowlError(f"--device {device}: unsupported device type {parsed.type!r} (use cpu, cuda or cuda:N)")
+    return device
 
 
 def load_model_and_processor(args: argparse.Namespace, **processor_overrides):
@@ -40,8 +56,11 @@ def load_model_and_processor(args: argparse.Namespace, **processor_overrides):
     path = args.model or DEFAULT_MODEL
     if args.model is None and not (DEFAULT_MODEL / "config.json").is_file():
         raise HyperowlError(f"no --model given and the bundled default model is missing ({DEFAULT_MODEL})")
+    if args.model is not None and args.model.is_file():
+        raise HyperowlError(f"--model {args.model} is a file; give the checkpoint directory (with config.json)")
+    device = resolve_device(args.device)
     path = checkpoint_dir(path)  # one Hub look-up for both loaders
-    model = Owl3ForCausalLM.from_pretrained(path, dtype=args.dtype, device=resolve_device(args.device))
+    model = Owl3ForCausalLM.from_pretrained(path, dtype=args.dtype, device=device)
     return model, Owl3Processor.from_pretrained(path, **processor_overrides)
 
 

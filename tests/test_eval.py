@@ -456,3 +456,32 @@ def test_cli_end_to_end(tiny_checkpoint, tmp_path):
         main(["eval", "report", str(tmp_path / "d"), str(tmp_path / "d"), "--labels", "x,y", "--out", str(tmp_path / "r")]) == 0
     )
     assert "| images | x | y |" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_a_half_written_shard_line_is_cut_before_appending(tiny_model, mixed_requests, tmp_path):
+    model, processor = tiny_model
+    first = run_requests(model, processor, mixed_requests[:3], tmp_path, OPTIONS)
+    whole = (tmp_path / "predictions.jsonl").read_text()
+    (tmp_path / "predictions.jsonl").unlink()
+    # a rank killed while writing its fourth line: three complete records and half of the next
+    (tmp_path / "predictions.rank0.jsonl").write_text(whole + whole.splitlines()[0][:25])
+    records = run_requests(model, processor, mixed_requests[:6], tmp_path, OPTIONS)
+    assert [r.id for r in records] == [r.id for r in mixed_requests[:6]] and records[:3] == first
+    lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [r.id for r in mixed_requests[:6]]
+
+
+def test_merge_fails_loudly_unless_every_request_has_one_record(tiny_model, mixed_requests, tmp_path):
+    from hyperowl.eval.runner import PredictionsError, merge_shards
+
+    model, processor = tiny_model
+    records = run_requests(model, processor, mixed_requests[:3], tmp_path, OPTIONS)
+    with pytest.raises(PredictionsError, match=rf"1 of 4 requests have no record \(first: \['{mixed_requests[3].id}'\]\)"):
+        merge_shards(tmp_path, mixed_requests[:4])
+    other = {**records[0].to_json(), "response": "something else"}
+    (tmp_path / "predictions.rank1.jsonl").write_text(json.dumps(other) + "\n")
+    with pytest.raises(PredictionsError, match="1 have differing records"):
+        merge_shards(tmp_path, mixed_requests[:3])
+    assert (tmp_path / "predictions.rank1.jsonl").is_file()  # kept for a look
+    (tmp_path / "predictions.rank1.jsonl").write_text(json.dumps(records[0].to_json()) + "\n")  # an identical copy is fine
+    assert merge_shards(tmp_path, mixed_requests[:3]) == records

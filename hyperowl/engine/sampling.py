@@ -6,6 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
+#: Seeds `torch.Generator.manual_seed` accepts (a signed or unsigned 64-bit integer).
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+#: Accepted `repetition_penalty` values (1 = off; above 1 discourages repeats, below 1 encourages them).
+#: Outside this range the penalty scales logits by more than 100x, which only degenerates the answer.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+
 
 @dataclass
 class SamplingParams:
@@ -22,14 +29,17 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be >= 0 and finite, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            raise ValueError(f"repetition_penalty must be in [{low:g}, {high:g}], got {self.repetition_penalty}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
 
     @property
     def greedy(self) -> bool:
@@ -49,14 +59,17 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
     return logits
 
 
-def sample_row(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None, generator: torch.Generator | None) -> int:
-    """Pick the next token from one row's `logits` `[vocab]`; `seen` `[n]` are the ids the penalty applies to."""
-    logits = logits.float()
+def row_distribution(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
+    """The float64 probabilities `[vocab]` one sampled step draws from: repetition penalty over `seen` `[n]`,
+    temperature, top-k, then top-p (the order transformers applies them in).
+
+    The logits are shifted so their maximum is 0 before dividing by the temperature, in float64, so any
+    positive temperature (down to the smallest float) and any accepted penalty give finite probabilities.
+    """
+    logits = logits.double()
     if params.repetition_penalty != 1.0 and seen is not None and seen.numel():
         logits = penalize_repeats(logits, seen, params.repetition_penalty)
-    if params.greedy:
-        return int(logits.argmax())
-    logits = logits / params.temperature
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -65,4 +78,13 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor 
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > params.top_p
         logits[order[drop]] = float("-inf")
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+    return logits.softmax(-1)
+
+
+def sample_row(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None, generator: torch.Generator | None) -> int:
+    """Pick the next token from one row's `logits` `[vocab]`; `seen` `[n]` are the ids the penalty applies to."""
+    if params.greedy:
+        if params.repetition_penalty != 1.0 and seen is not None and seen.numel():
+            logits = penalize_repeats(logits.double(), seen, params.repetition_penalty)
+        return int(logits.argmax())
+    return int(torch.multinomial(row_distribution(logits, params, seen), 1, generator=generator))

@@ -5,7 +5,9 @@ Results go to ``predictions.jsonl`` in the run folder. Under ``torchrun`` (or an
 appends its records to ``predictions.rank{r}.jsonl``; after a barrier rank 0 merges every shard
 into ``predictions.jsonl`` (request order) and deletes the shards. Requests whose id already has
 a record (in the merged file or any shard) are skipped, so a stopped run resumes where it stopped,
-with any number of processes.
+with any number of processes. A shard's half-written last line (a process killed while writing) is cut
+off before new records are appended, and the merge fails loudly unless every request has exactly one
+record.
 """
 
 from __future__ import annotations
@@ -97,12 +99,21 @@ def shard_file(out_dir: Path, rank: int) -> Path:
     return out_dir / f"predictions.rank{rank}.jsonl"
 
 
+class PredictionsError(HyperowlError, RuntimeError):
+    """The run folder's records do not give every request exactly one answer."""
+
+
 def read_records(out_dir: Path) -> dict[str, Record]:
     """Every record in the run folder (merged file first, then shards), first per id wins.
 
     A truncated last line (a run killed while writing) is ignored.
     """
-    records: dict[str, Record] = {}
+    return {id_: found[0] for id_, found in read_all_records(out_dir).items()}
+
+
+def read_all_records(out_dir: Path) -> dict[str, list[Record]]:
+    """Every record in the run folder per id, in file order (merged file first, then shards)."""
+    records: dict[str, list[Record]] = {}
     files = [out_dir / PREDICTIONS, *sorted(out_dir.glob("predictions.rank*.jsonl"))]
     for file in files:
         if not file.is_file():
@@ -112,8 +123,27 @@ def read_records(out_dir: Path) -> dict[str, Record]:
                 record = Record.from_json(json.loads(line))
             except (json.JSONDecodeError, TypeError):
                 continue
-            records.setdefault(record.id, record)
+            records.setdefault(record.id, []).append(record)
     return records
+
+
+def cut_partial_line(path: Path) -> None:
+    """Truncate `path` after its last newline, dropping a line a killed process left half-written."""
+    if not path.is_file():
+        return
+    with path.open("r+b") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        position = size
+        while position > 0:
+            step = min(65536, position)
+            fh.seek(position - step)
+            newline = fh.read(step).rfind(b"\n")
+            if newline >= 0:
+                position = position - step + newline + 1
+                break
+            position -= step
+        if position < size:
+            fh.truncate(position)
 
 
 def load_request_video(request: EvalRequest, fps: float, max_frames: int) -> VideoClip:
@@ -200,8 +230,20 @@ def _run_batch(model: Owl3ForCausalLM, processor: Owl3Processor, batch: list[Eva
 
 def merge_shards(out_dir: Path, requests: Sequence[EvalRequest]) -> list[Record]:
     """Merge every shard into ``predictions.jsonl`` (requests' order first, then records of other
-    ids, e.g. from an earlier larger run), delete the shards, and return the requests' records."""
-    records = read_records(out_dir)
+    ids, e.g. from an earlier larger run), delete the shards, and return the requests' records.
+
+    Raises:
+        PredictionsError: a request has no record, or two different ones (the shards are kept).
+    """
+    found = read_all_records(out_dir)
+    missing = [request.id for request in requests if request.id not in found]
+    conflicting = [id_ for id_, copies in found.items() if any(copy != copies[0] for copy in copies[1:])]
+    if missing or conflicting:
+        raise PredictionsError(
+            f"{out_dir}: {len(missing)} of {len(requests)} requests have no record (first: {missing[:3]}), "
+            f"{len(conflicting)} have differing records (first: {conflicting[:3]}); nothing was merged"
+        )
+    records = {id_: copies[0] for id_, copies in found.items()}
     order = {request.id: n for n, request in enumerate(requests)}
     ordered = sorted(records.values(), key=lambda r: (order.get(r.id, len(order)), r.id))
     tmp = out_dir / (PREDICTIONS + ".tmp")
@@ -238,6 +280,7 @@ def run_requests(
     # every rank reads the folder before any rank writes to it
     dist.barrier()
     mine = [r for r in requests[dist.rank :: dist.world_size] if r.id not in done]
+    cut_partial_line(shard_file(out_dir, dist.rank))
     with (
         shard_file(out_dir, dist.rank).open("a", encoding="utf-8") as fh,
         tqdm(total=len(mine), desc="eval", unit="prompt", disable=not options.progress or dist.rank != 0) as bar,

@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from hyperowl.errors import HyperowlError, MediaError, PromptError, ResourceLimi
 from hyperowl.processing.processor import Owl3Processor
 from hyperowl.serve.completions import chunk, completion_body, prepare_job, sse, usage
 from hyperowl.serve.errors import ApiError, limit_error, overloaded
+from hyperowl.serve.media import DecodeGate
 from hyperowl.serve.metrics import ServerMetrics
 from hyperowl.serve.scheduler import Event, Finished, Job, Scheduler, TextDelta
 from hyperowl.serve.schema import ChatCompletionRequest
@@ -40,16 +42,26 @@ STATIC_DIR = Path(__file__).parent / "static"
 #: Paths counted under their own label in `hyperowl_requests_total`; anything else is "other".
 KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions"}
 
+#: Exit status of a server whose scheduler thread died (EX_SOFTWARE).
+SCHEDULER_DIED_EXIT = 70
+
 #: How often (seconds) a waiting request checks whether its client is still connected.
 DISCONNECT_POLL_S = 0.25
 
 
-def error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+def error_response(error: ApiError) -> Response:
+    """`error` as JSON; ASCII-escaped, so a message quoting any request text (even a lone surrogate) encodes."""
+    return Response(json.dumps(error.body()), status_code=error.status, headers=error.headers, media_type="application/json")
+
+
+def internal_error(exc: BaseException) -> ApiError:
+    return ApiError(500, f"internal error: {type(exc).__name__}", type="server_error", code="internal_error")
 
 
 class GuardMiddleware:
-    """Refuses bodies over `max_body_bytes` (413) before the app reads them, and counts every answer."""
+    """Refuses bodies over `max_body_bytes` (413) before the app reads them and bodies that do not arrive
+    within `body_timeout_s` (408), counts every answer, and answers an exception that escaped the app with
+    a 500 itself, so the connection stays usable (uvicorn closes a connection whose app raised)."""
 
     def __init__(self, app: ASGIApp, settings: ServerSettings, metrics: ServerMetrics) -> None:
         self.app = app
@@ -62,10 +74,14 @@ class GuardMiddleware:
             return
         status = 500
 
+        started = complete = False
+
         async def counting_send(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started, complete
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
             await send(message)
 
         try:
@@ -82,7 +98,15 @@ class GuardMiddleware:
                 replayed = True
                 return {"type": "http.request", "body": body, "more_body": False}
 
-            await self.app(scope, replay, counting_send)
+            try:
+                await self.app(scope, replay, counting_send)
+            except Exception as exc:
+                if complete:  # the error handler already answered (Starlette re-raises after it)
+                    return
+                if started:
+                    raise  # half an answer went out: only closing the connection ends it
+                log.exception("unexpected error", exc_info=exc)
+                await error_response(internal_error(exc))(scope, receive, counting_send)
         finally:
             path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
             self.metrics.requests.labels(path, str(status)).inc()
@@ -96,16 +120,26 @@ class GuardMiddleware:
         if declared.isdigit() and int(declared) > limit:
             return too_big
         chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > limit:
-                return too_big
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.settings.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        break
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    if size > limit:
+                        return too_big
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            return ApiError(
+                408,
+                f"the request body did not arrive within {self.settings.body_timeout_s:g} s (limit body_timeout_s)",
+                type="timeout",
+                code="body_timeout_s",
+                headers={"Connection": "close"},
+            )
         return b"".join(chunks)
 
 
@@ -115,8 +149,12 @@ def parse_request(raw: bytes) -> ChatCompletionRequest:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
+    except RecursionError as exc:
+        raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from exc
     try:
         return ChatCompletionRequest.model_validate(data)
+    except RecursionError as exc:
+        raise ApiError(400, "the request body is nested too deeply", code="invalid_request") from exc
     except ValidationError as exc:
         errors = exc.errors()
         where = lambda e: ".".join(str(p) for p in e["loc"]) or "body"
@@ -128,15 +166,15 @@ def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves as OpenAI-style JSON; none stops the server."""
 
     @app.exception_handler(ApiError)
-    async def on_api_error(_: Request, exc: ApiError) -> JSONResponse:
+    async def on_api_error(_: Request, exc: ApiError) -> Response:
         return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def on_http_error(_: Request, exc: StarletteHTTPException) -> Response:
         return error_response(ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None))
 
     @app.exception_handler(HyperowlError)
-    async def on_hyperowl_error(_: Request, exc: HyperowlError) -> JSONResponse:
+    async def on_hyperowl_error(_: Request, exc: HyperowlError) -> Response:
         if isinstance(exc, MediaError):
             return error_response(ApiError(400, str(exc), param="messages", code="invalid_media"))
         if isinstance(exc, PromptError):
@@ -147,9 +185,16 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(ApiError(500, str(exc), type="server_error", code="internal_error"))
 
     @app.exception_handler(Exception)
-    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def on_unexpected(_: Request, exc: Exception) -> Response:
         log.exception("unexpected error", exc_info=exc)
-        return error_response(ApiError(500, f"internal error: {type(exc).__name__}", type="server_error", code="internal_error"))
+        return error_response(internal_error(exc))
+
+
+def exit_process(exc: BaseException) -> None:
+    """End the whole server when its scheduler thread died, so a supervisor restarts it (exit status 70)."""
+    log.critical("the scheduler thread died (%s: %s); the server exits", type(exc).__name__, exc)
+    logging.shutdown()
+    os._exit(SCHEDULER_DIED_EXIT)
 
 
 def create_app(model: Owl3Model, processor: Owl3Processor, settings: ServerSettings) -> FastAPI:
@@ -163,7 +208,9 @@ def create_app(model: Owl3Model, processor: Owl3Processor, settings: ServerSetti
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
         vision_chunk_size=settings.vision_chunk_size,
+        on_death=exit_process,
     )
+    decode_gate = DecodeGate(settings.max_concurrent_decodes, settings.max_pixels_in_flight)
     metrics.queue_depth.set_function(lambda: scheduler.queued)
     metrics.batch_size.set_function(lambda: scheduler.active)
     max_context = model.config.max_position_embeddings
@@ -274,7 +321,8 @@ def create_app(model: Owl3Model, processor: Owl3Processor, settings: ServerSetti
                 param="model",
                 code="model_not_found",
             )
-        job = await prepare_job(body, processor, settings, max_context, model.generation_config)
+        scheduler.check_room()  # before any media is fetched or decoded
+        job = await prepare_job(body, processor, settings, max_context, model.generation_config, decode_gate)
         scheduler.submit(job)
         metrics.prompt_tokens.inc(job.prompt_tokens)
         ident = f"chatcmpl-{uuid.uuid4().hex}"

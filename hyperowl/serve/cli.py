@@ -31,30 +31,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--media-dir", type=Path, default=None, help="folder local media paths may be read from (default: none)")
     parser.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image/video URLs")
-    parser.add_argument("--remote-timeout", type=float, default=_DEFAULTS.remote_timeout_s, help="seconds per remote fetch")
-    parser.add_argument("--max-body-mb", type=float, default=_DEFAULTS.max_body_bytes / 2**20, help="largest request body")
-    parser.add_argument(
-        "--max-media-mb",
-        type=float,
-        default=_DEFAULTS.max_media_bytes / 2**20,
-        help="largest media file read from --media-dir or fetched",
+    limit = lambda flag, kind, default, text: parser.add_argument(
+        flag, type=kind, default=default, help=f"{text} (default: %(default)s)"
     )
-    parser.add_argument("--max-images", type=int, default=_DEFAULTS.max_images, help="most images per request")
-    parser.add_argument("--max-frames", type=int, default=_DEFAULTS.max_frames, help="most video frames per request")
-    parser.add_argument(
-        "--default-frames",
-        type=int,
-        default=_DEFAULTS.default_frames,
-        help="frames sampled per video when the request does not say",
-    )
-    parser.add_argument("--max-image-pixels", type=int, default=_DEFAULTS.max_image_pixels, help="largest width*height")
-    parser.add_argument("--max-tokens", type=int, default=_DEFAULTS.max_tokens, help="largest max_tokens a request may ask")
-    parser.add_argument("--default-max-tokens", type=int, default=_DEFAULTS.default_max_tokens)
-    parser.add_argument("--request-timeout", type=float, default=_DEFAULTS.request_timeout_s, help="seconds per request")
-    parser.add_argument("--max-queue", type=int, default=_DEFAULTS.max_queue, help="most requests waiting (more get 503)")
-    parser.add_argument(
-        "--max-batch-size", type=int, default=_DEFAULTS.max_batch_size, help="most requests decoded together (1 = one at a time)"
-    )
+    limit("--remote-timeout", float, _DEFAULTS.remote_timeout_s, "seconds per remote fetch")
+    limit("--max-body-mb", float, _DEFAULTS.max_body_bytes / 2**20, "largest request body, MiB")
+    limit("--max-media-mb", float, _DEFAULTS.max_media_bytes / 2**20, "largest media file read from --media-dir or fetched, MiB")
+    limit("--max-images", int, _DEFAULTS.max_images, "most images per request")
+    limit("--max-frames", int, _DEFAULTS.max_frames, "most video frames per request")
+    limit("--default-frames", int, _DEFAULTS.default_frames, "frames sampled per video when the request does not say")
+    limit("--max-image-pixels", int, _DEFAULTS.max_image_pixels, "largest width*height of an image or video frame")
+    limit("--max-tokens", int, _DEFAULTS.max_tokens, "largest max_tokens a request may ask")
+    limit("--default-max-tokens", int, _DEFAULTS.default_max_tokens, "max_tokens of a request that does not say")
+    limit("--max-text-chars", int, _DEFAULTS.max_text_chars, "most characters of message text per request (checked before tokenizing)")
+    limit("--max-stop-strings", int, _DEFAULTS.max_stop_strings, "most stop strings per request")
+    limit("--max-stop-chars", int, _DEFAULTS.max_stop_chars, "longest stop string, characters")
+    limit("--request-timeout", float, _DEFAULTS.request_timeout_s, "seconds per request, queued + generating")
+    limit("--max-queue", int, _DEFAULTS.max_queue, "most requests waiting (more get 503)")
+    limit("--max-batch-size", int, _DEFAULTS.max_batch_size, "most requests decoded together (1 = one at a time)")
+    limit("--max-concurrent-decodes", int, _DEFAULTS.max_concurrent_decodes, "most requests decoding media at once")
+    limit("--max-pixels-in-flight", int, _DEFAULTS.max_pixels_in_flight, "most decoded pixels of the requests decoding media at once")
+    limit("--header-timeout", float, _DEFAULTS.header_timeout_s, "seconds a connection has to send complete request headers")
+    limit("--body-timeout", float, _DEFAULTS.body_timeout_s, "seconds a request body has to arrive completely")
+    limit("--keep-alive-timeout", float, _DEFAULTS.keep_alive_timeout_s, "seconds an idle keep-alive connection stays open")
+    limit("--max-connections", int, _DEFAULTS.max_connections, "most open connections (more get 503 and are closed)")
     parser.add_argument("--video-fps", type=float, default=None, help="frames per second sampled from videos")
     parser.add_argument("--no-cut", action="store_true", help="do not cut images into tiles (global view only)")
     parser.add_argument("--vision-chunk-size", type=int, default=None, help="images encoded per vision-tower batch")
@@ -83,6 +83,15 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_queue=args.max_queue,
         max_batch_size=args.max_batch_size,
         vision_chunk_size=args.vision_chunk_size,
+        max_text_chars=args.max_text_chars,
+        max_stop_strings=args.max_stop_strings,
+        max_stop_chars=args.max_stop_chars,
+        max_concurrent_decodes=args.max_concurrent_decodes,
+        max_pixels_in_flight=args.max_pixels_in_flight,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        keep_alive_timeout_s=args.keep_alive_timeout,
+        max_connections=args.max_connections,
     )
 
 
@@ -91,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from hyperowl.serve.app import create_app
+    from hyperowl.serve.transport import guarded_protocol
 
     try:
         settings = settings_from_args(args)
@@ -105,5 +115,13 @@ def run(args: argparse.Namespace) -> int:
         overrides["video_fps"] = args.video_fps
     model, processor = load_model_and_processor(args, **overrides)
     app = create_app(model, processor, settings)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=5,
+        http=guarded_protocol(settings.header_timeout_s, settings.max_connections),
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+    )
     return 0

@@ -13,13 +13,18 @@ from hyperowl.config import GenerationConfig
 from hyperowl.engine.sampling import SamplingParams
 from hyperowl.processing.processor import Owl3Batch, Owl3Processor
 from hyperowl.serve.errors import ApiError, limit_error
-from hyperowl.serve.media import MediaSource, load_checked_image, load_checked_video, resolve_media
+from hyperowl.serve.media import (
+    DecodeGate,
+    MediaSource,
+    image_size,
+    load_checked_image,
+    load_checked_video,
+    resolve_media,
+    video_frame_size,
+)
 from hyperowl.serve.scheduler import Finished, Job, TokenLogprob
 from hyperowl.serve.schema import ChatCompletionRequest, ChatMessage, ImageUrlPart, TextPart
 from hyperowl.serve.settings import ServerSettings
-
-#: OpenAI accepts at most this many stop strings.
-MAX_STOP_STRINGS = 4
 
 
 @dataclass
@@ -29,6 +34,35 @@ class MediaPart:
     kind: str
     url: str
     max_frames: int
+
+
+def check_text(messages: list[ChatMessage], settings: ServerSettings) -> None:
+    """400 when the messages' text is longer than `max_text_chars` or is not valid Unicode (a lone
+    surrogate, which JSON's `\\ud800` escapes can carry), checked before anything is tokenized."""
+    texts = [
+        text
+        for message in messages
+        for text in ([message.content] if isinstance(message.content, str) else [p.text for p in message.content if isinstance(p, TextPart)])
+    ]
+    total = sum(map(len, texts))
+    if total > settings.max_text_chars:
+        raise limit_error(f"the messages have {total} characters of text, more than {settings.max_text_chars}", "max_text_chars", "messages")
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ApiError(
+                400, f"message text is not valid Unicode: {exc.reason} at character {exc.start}", param="messages", code="invalid_prompt"
+            ) from exc
+
+
+def check_stops(stops: list[str], settings: ServerSettings) -> None:
+    """400 beyond `max_stop_strings` stop strings or for one longer than `max_stop_chars`."""
+    if len(stops) > settings.max_stop_strings:
+        raise limit_error(f"{len(stops)} stop strings, more than {settings.max_stop_strings}", "max_stop_strings", "stop")
+    longest = max(map(len, stops), default=0)
+    if longest > settings.max_stop_chars:
+        raise limit_error(f"a stop string has {longest} characters, more than {settings.max_stop_chars}", "max_stop_chars", "stop")
 
 
 def convert_messages(messages: list[ChatMessage], settings: ServerSettings) -> tuple[list[dict[str, Any]], list[MediaPart]]:
@@ -59,6 +93,21 @@ def convert_messages(messages: list[ChatMessage], settings: ServerSettings) -> t
     return converted, media
 
 
+def media_pixels(media: list[MediaPart], sources: list[MediaSource], settings: ServerSettings) -> int:
+    """The pixels decoding `media` will hold at most, from the files' headers (each image or frame counted
+    up to `max_image_pixels`; larger ones are refused before they are decoded)."""
+    total = videos = 0
+    for part, source in zip(media, sources):
+        if part.kind == "image":
+            width, height = image_size(source)
+            total += min(width * height, settings.max_image_pixels)
+        else:
+            width, height = video_frame_size(source, videos)
+            total += min(width * height, settings.max_image_pixels) * part.max_frames
+            videos += 1
+    return total
+
+
 def process(
     messages: list[dict[str, Any]],
     media: list[MediaPart],
@@ -86,8 +135,10 @@ async def prepare_job(
     settings: ServerSettings,
     max_context: int,
     defaults: GenerationConfig | None = None,
+    decode_gate: DecodeGate | None = None,
 ) -> Job:
-    """Check `request` against the limits, load its media, process the prompt; 4xx `ApiError` when it cannot run.
+    """Check `request` against the limits, load its media (through `decode_gate` when given), process the
+    prompt; 4xx `ApiError` when it cannot run.
 
     Sampling fields the request leaves out take the model's generation defaults (`defaults`, its
     generation_config.json; greedy without one); a given `temperature` also sets sampling on (> 0) or
@@ -110,11 +161,16 @@ async def prepare_job(
     if max_tokens > settings.max_tokens:
         raise limit_error(f"max_tokens {max_tokens} is more than {settings.max_tokens}", "max_tokens", "max_tokens")
     stops = request.stop_strings()
-    if len(stops) > MAX_STOP_STRINGS:
-        raise ApiError(400, f"at most {MAX_STOP_STRINGS} stop strings are supported, got {len(stops)}", param="stop")
+    check_stops(stops, settings)
+    check_text(request.messages, settings)
     messages, media = convert_messages(request.messages, settings)
     sources = [await resolve_media(part.url, settings) for part in media]
-    batch = await run_in_threadpool(process, messages, media, sources, processor, settings)
+    if media and decode_gate is not None:
+        pixels = await run_in_threadpool(media_pixels, media, sources, settings)
+        async with decode_gate.admit(pixels):
+            batch = await run_in_threadpool(process, messages, media, sources, processor, settings)
+    else:
+        batch = await run_in_threadpool(process, messages, media, sources, processor, settings)
     prompt_tokens = batch["input_ids"].shape[1]
     if prompt_tokens + max_tokens > max_context:
         raise ApiError(
@@ -134,7 +190,10 @@ async def prepare_job(
     values = {**defaults.sampling_kwargs(), **{k: v for k, v in given.items() if v is not None}, "max_new_tokens": max_tokens}
     if request.temperature is not None:
         values["do_sample"] = request.temperature > 0
-    params = SamplingParams(**values)
+    try:
+        params = SamplingParams(**values)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), code="invalid_request") from exc
     top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
     return Job(batch, params, stops, request.ignore_eos, settings.request_timeout_s, top_logprobs)
 

@@ -15,8 +15,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ctypes
+import functools
 import io
 import warnings
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import unquote, unquote_to_bytes, urlparse
 
@@ -133,15 +137,76 @@ def _opened(source: MediaSource) -> io.BytesIO | str:
     return io.BytesIO(source) if isinstance(source, bytes) else str(source)
 
 
-def load_checked_image(source: MediaSource, index: int, settings: ServerSettings) -> Image.Image:
-    """Decode image number `index` (0-based) of a request after checking its size from the header."""
+def image_size(source: MediaSource) -> tuple[int, int]:
+    """(width, height) from the image's header, without decoding it; (0, 0) when it cannot be read."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(_opened(source)) as probe:
-                width, height = probe.size
+                return probe.size
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
-        width = height = 0  # load_image below reports what is wrong with the file
+        return 0, 0
+
+
+def video_frame_size(source: MediaSource, index: int) -> tuple[int, int]:
+    """(width, height) of video number `index`'s frames from its container, without decoding any."""
+    try:
+        with av.open(_opened(source), mode="r") as container:
+            streams = container.streams.video
+            return (streams[0].width, streams[0].height) if streams else (0, 0)
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise MediaError(f"cannot read video {index + 1}: {exc}") from exc
+
+
+def _malloc_trim() -> Callable[[], object]:
+    """glibc's `malloc_trim(0)` (hands freed heap memory back to the system), or a no-op elsewhere."""
+    try:
+        return functools.partial(ctypes.CDLL("libc.so.6").malloc_trim, 0)
+    except (OSError, AttributeError):
+        return lambda: None
+
+
+#: Called when the last decoding request finishes: decoded media are freed by then, and glibc would
+#: otherwise keep their pages (hundreds of MB after a few large images) for the life of the process.
+release_free_memory = _malloc_trim()
+
+
+class DecodeGate:
+    """Bounds media decoding across requests: at most `slots` requests decode at once, and the pixels
+    they decode together stay within `pixel_budget` (a request needing more than the whole budget waits
+    until it can decode alone). Requests wait their turn in the event loop, holding no decoded media."""
+
+    def __init__(self, slots: int, pixel_budget: int) -> None:
+        self.slots = slots
+        self.pixel_budget = pixel_budget
+        self.decoding = 0
+        self.pixels = 0
+        self._changed = asyncio.Condition()
+
+    def _fits(self, pixels: int) -> bool:
+        return self.decoding == 0 or (self.decoding < self.slots and self.pixels + pixels <= self.pixel_budget)
+
+    @asynccontextmanager
+    async def admit(self, pixels: int) -> AsyncIterator[None]:
+        """Hold a decoding slot and `pixels` of the budget for the `async with` block."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._fits(pixels))
+            self.decoding += 1
+            self.pixels += pixels
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.decoding -= 1
+                self.pixels -= pixels
+                self._changed.notify_all()
+            if self.decoding == 0 and pixels:
+                release_free_memory()
+
+
+def load_checked_image(source: MediaSource, index: int, settings: ServerSettings) -> Image.Image:
+    """Decode image number `index` (0-based) of a request after checking its size from the header."""
+    width, height = image_size(source)  # (0, 0) for an unreadable file: load_image reports what is wrong
     if width * height > settings.max_image_pixels:
         raise limit_error(
             f"image {index + 1} has {width} x {height} pixels, more than {settings.max_image_pixels}",
@@ -153,12 +218,7 @@ def load_checked_image(source: MediaSource, index: int, settings: ServerSettings
 
 def load_checked_video(source: MediaSource, index: int, fps: float, max_frames: int, settings: ServerSettings) -> VideoClip:
     """Decode up to `max_frames` sampled frames of video number `index` after checking its frame size."""
-    try:
-        with av.open(_opened(source), mode="r") as container:
-            streams = container.streams.video
-            width, height = (streams[0].width, streams[0].height) if streams else (0, 0)
-    except (av.FFmpegError, OSError, ValueError) as exc:
-        raise MediaError(f"cannot read video {index + 1}: {exc}") from exc
+    width, height = video_frame_size(source, index)
     if width * height > settings.max_image_pixels:
         raise limit_error(
             f"video {index + 1} has {width} x {height} pixel frames, more than {settings.max_image_pixels}",

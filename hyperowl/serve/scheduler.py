@@ -122,6 +122,34 @@ class Job:
         )
 
 
+class StopStrings:
+    """Finds stop strings in a growing answer, looking only at its end: each check costs
+    O(longest stop string + new text), however long the answer grows."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.longest = max(map(len, stops), default=0)
+
+    def find(self, text: str, searched: int) -> int:
+        """Where the first stop string in `text` begins, or -1; `text[:searched]` held none."""
+        start = max(0, searched - self.longest + 1)
+        hits = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
+        return min(hits, default=-1)
+
+    def held(self, text: str) -> int:
+        """Length of the longest end of `text` that is the beginning of a stop string (and so may become one)."""
+        longest = 0
+        for stop in self.stops:
+            tail = text[len(text) - min(len(text), len(stop) - 1) :]
+            i = tail.find(stop[0])
+            while i >= 0 and len(tail) - i > longest:
+                if stop.startswith(tail[i:]):
+                    longest = len(tail) - i
+                    break
+                i = tail.find(stop[0], i + 1)
+        return longest
+
+
 class Row:
     """A running request: its sampler state and the answer text streamed so far."""
 
@@ -129,6 +157,8 @@ class Row:
         self.job = job
         self.decode = decode
         self.stop_ids = set() if job.ignore_eos else stop_ids
+        self.stops = StopStrings(job.stop_strings)
+        self.searched = 0  # characters of the answer searched for stop strings
         self.generator = job.params.generator(device)
         # the repetition penalty's history: the prompt, then every answer token (as `generate` keeps it)
         self.history: torch.Tensor | None = None
@@ -174,10 +204,11 @@ class Row:
             self.logprobs.append(self._entry)
         self.ids.append(token)
         text = self.decode(self.ids)
-        hits = [i for i in (text.find(s) for s in self.job.stop_strings) if i >= 0]
-        if hits:
-            self._send(text[: min(hits)])
+        hit = self.stops.find(text, self.searched)
+        if hit >= 0:
+            self._send(text[:hit])
             return "stop"
+        self.searched = len(text.rstrip("\ufffd"))  # an incomplete character at the end may still change
         if self.count >= self.job.params.max_new_tokens:
             self._send(text)
             return "length"
@@ -188,8 +219,7 @@ class Row:
         """`text` without what may still change: an incomplete UTF-8 character at the end, and an end
         that could be the beginning of a stop string."""
         text = text.rstrip("\ufffd")
-        held = max((n for s in self.job.stop_strings for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
-        return text[: len(text) - held]
+        return text[: len(text) - self.stops.held(text)]
 
     def _send(self, text: str) -> None:
         if len(text) > self.sent:
@@ -208,6 +238,8 @@ class Scheduler:
     """Owns the model in a background thread; `submit` jobs from the HTTP side.
 
     `max_batch_size` rows decode together (1: one request at a time); at most `max_queue` jobs wait.
+    An exception while admitting or decoding fails the requests concerned (500) and the thread goes on;
+    if the thread dies anyway, every waiting job fails and `on_death(exc)` is called (the server exits).
     """
 
     def __init__(
@@ -219,8 +251,10 @@ class Scheduler:
         max_batch_size: int,
         max_queue: int,
         vision_chunk_size: int | None = None,
+        on_death: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.model = model
+        self.on_death = on_death
         self.decode = decode
         self.stop_ids = set(stop_ids)
         self.metrics = metrics
@@ -258,18 +292,41 @@ class Scheduler:
             self._cond.notify()
         self._thread.join(timeout)
 
+    def check_room(self) -> None:
+        """503 unless one more job may queue now (`submit` checks again)."""
+        with self._cond:
+            self._check_room()
+
+    def _check_room(self) -> None:
+        if self._stopping or not self.alive:
+            raise overloaded("the server is shutting down", "shutting_down")
+        waiting = len(self._pending) + len(self.rows) - self.max_batch_size  # beyond the free batch slots
+        if waiting >= self.max_queue:
+            raise overloaded(f"too many requests waiting ({max(waiting, 0)}) (limit max_queue)", "max_queue")
+
     def submit(self, job: Job) -> None:
         """Queue `job`; 503 when the queue is full or the scheduler has stopped."""
         with self._cond:
-            if self._stopping or not self.alive:
-                raise overloaded("the server is shutting down", "shutting_down")
-            waiting = len(self._pending) + len(self.rows) - self.max_batch_size  # beyond the free batch slots
-            if waiting >= self.max_queue:
-                raise overloaded(f"too many requests waiting ({max(waiting, 0)}) (limit max_queue)", "max_queue")
+            self._check_room()
             self._pending.append(job)
             self._cond.notify()
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:
+            log.critical("the scheduler thread died", exc_info=exc)
+            with self._cond:
+                self._stopping = True
+                died = ApiError(500, f"the scheduler stopped: {type(exc).__name__}", type="server_error", code="internal_error")
+                for job in [*self._pending, *(row.job for row in self.rows)]:
+                    job.emit(Failed(died))
+                self._pending.clear()
+                self.rows = []
+            if self.on_death is not None:
+                self.on_death(exc)
+
+    def _serve(self) -> None:
         with torch.inference_mode():
             while True:
                 jobs = self._take()
@@ -300,8 +357,8 @@ class Scheduler:
 
     def _admit(self, job: Job) -> None:
         """Prefill `job` on its own, sample its first token, and let it join the batch unless it is done."""
-        row = Row(job, self.decode, self.stop_ids, self.model.device)
         try:
+            row = Row(job, self.decode, self.stop_ids, self.model.device)
             inputs = {k: job.batch.get(k) for k in MODEL_INPUTS}
             logits, cache, visual = prefill(self.model, **inputs, vision_chunk_size=self.vision_chunk_size)
             finish = row.accept(row.sample(logits[0]))
@@ -318,11 +375,11 @@ class Scheduler:
         self.rows.append(row)
 
     def _step(self) -> None:
-        """One decode step for every row, then drop the rows that are done."""
+        """One decode step for every row, then drop the rows that are done. A failing batch forward fails
+        every row; a row whose own sampling or text handling fails is dropped alone."""
         try:
             tokens = torch.tensor([row.last for row in self.rows], dtype=torch.long)
             logits = self.batch.step(tokens)
-            reasons = [row.accept(row.sample(logits[i])) for i, row in enumerate(self.rows)]
         except Exception as exc:
             log.exception("decode step failed")
             error = ApiError(500, f"decode step failed: {exc}", type="server_error", code="internal_error")
@@ -330,12 +387,21 @@ class Scheduler:
                 row.job.emit(Failed(error))
             self.rows, self.batch = [], DecodeBatch(self.model)
             return
+        reasons: list[str | None | Exception] = []
+        for i, row in enumerate(self.rows):
+            try:
+                reasons.append(row.accept(row.sample(logits[i])))
+            except Exception as exc:
+                log.exception("sampling a row failed")
+                reasons.append(exc)
         self.metrics.count_tokens(len(self.rows))
         self.metrics.decode_batch.observe(len(self.rows))
         now = time.monotonic()
         keep = []
         for i, (row, reason) in enumerate(zip(self.rows, reasons)):
-            if reason is not None:
+            if isinstance(reason, Exception):
+                row.job.emit(Failed(ApiError(500, f"decode step failed: {reason}", type="server_error", code="internal_error")))
+            elif reason is not None:
                 self._finish(row, reason)
             elif row.job.cancelled:
                 continue

@@ -30,6 +30,17 @@ class ServerSettings:
         max_queue: most requests waiting for a batch slot; more get 503.
         max_batch_size: most requests decoded together (1 = one at a time).
         vision_chunk_size: images encoded per vision-tower batch (None: all at once).
+        max_text_chars: most characters of message text per request, counted before tokenizing.
+        max_stop_strings: most `stop` strings per request.
+        max_stop_chars: longest `stop` string (characters).
+        max_concurrent_decodes: most requests decoding media and processing their prompt at once.
+        max_pixels_in_flight: most decoded pixels (images, and video frames) of the requests decoding at
+            once; a request needing more than this decodes alone.
+        header_timeout_s: a connection must send a request's complete headers within this long (from
+            its first byte, or from connecting), else it is closed.
+        body_timeout_s: a request body must arrive completely within this long (408 otherwise).
+        keep_alive_timeout_s: an idle keep-alive connection is closed after this long.
+        max_connections: most open connections; more are answered 503 and closed at once.
     """
 
     model_name: str = "hyperowl"
@@ -49,6 +60,15 @@ class ServerSettings:
     max_queue: int = 64
     max_batch_size: int = 16
     vision_chunk_size: int | None = None
+    max_text_chars: int = 256 * 1024
+    max_stop_strings: int = 4
+    max_stop_chars: int = 256
+    max_concurrent_decodes: int = 2
+    max_pixels_in_flight: int = 4 * 4096 * 4096
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    keep_alive_timeout_s: float = 5.0
+    max_connections: int = 512
 
     def __post_init__(self) -> None:
         for name in (
@@ -61,10 +81,18 @@ class ServerSettings:
             "max_tokens",
             "default_max_tokens",
             "max_batch_size",
+            "max_text_chars",
+            "max_stop_strings",
+            "max_stop_chars",
+            "max_concurrent_decodes",
+            "max_pixels_in_flight",
+            "max_connections",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
-        if self.request_timeout_s <= 0 or self.remote_timeout_s <= 0:
-            raise ValueError("timeouts must be positive")
+        timeouts = ("request_timeout_s", "remote_timeout_s", "header_timeout_s", "body_timeout_s", "keep_alive_timeout_s")
+        for name in timeouts:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -12,7 +12,9 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -147,17 +149,92 @@ def lr_lambda(cfg: TrainConfig):
     return factor
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint directory `path` cannot be resumed from (missing, truncated or unreadable
+    trainer state, config or weights), or None when it is complete."""
+    from hyperowl.errors import CheckpointError
+    from hyperowl.model.checkpoint import read_tensors, tensor_files
+
+    if not (path / STATE_FILE).is_file():
+        return f"no {STATE_FILE}"
+    try:
+        # mmap: the check reads the file's index and records, not every optimizer tensor
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
+        if not isinstance(state, dict) or not {"step", "optimizer", "scheduler", "rng"} <= state.keys():
+            return f"{STATE_FILE} lacks the trainer state"
+    except (EOFError, OSError, RuntimeError, ValueError, KeyError, AttributeError, pickle.UnpicklingError) as exc:
+        return f"{STATE_FILE} is unreadable ({type(exc).__name__}: {exc})"
+    try:
+        json.loads((path / "config.json").read_text())
+        for file in set(tensor_files(path).values()):
+            with read_tensors(file):
+                pass
+    except (OSError, ValueError, CheckpointError) as exc:
+        return f"the model files are incomplete ({exc})"
+    return None
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """N of a `checkpoint-N` directory name (None for other names, such as a `checkpoint-N.tmp` being written)."""
+    _, _, step = path.name.partition("-")
+    return int(step) if step.isdigit() else None
+
+
 def find_resume(cfg: TrainConfig) -> Path | None:
-    """`resume: auto` -> the newest `output_dir/checkpoint-N` with a trainer state (None if there is none)."""
+    """`resume: auto` -> the newest complete `output_dir/checkpoint-N` (None if there is none); incomplete
+    or unreadable ones (a run killed while saving) are skipped with a warning saying which and why."""
     if cfg.resume is None:
         return None
     if cfg.resume == "auto":
-        found = [p for p in Path(cfg.output_dir).glob("checkpoint-*") if (p / STATE_FILE).is_file()]
-        return max(found, key=lambda p: int(p.name.split("-")[1]), default=None)
+        found = [p for p in Path(cfg.output_dir).glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None]
+        for path in sorted(found, key=checkpoint_step, reverse=True):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            log.warning("resume: skipping %s: %s", path, problem)
+        return None
     path = Path(cfg.resume)
-    if not (path / STATE_FILE).is_file():
-        raise RecipeError(f"cannot resume from {path}: no {STATE_FILE} there")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise RecipeError(f"cannot resume from {path}: {problem}")
     return path
+
+
+def replace_directory(written: Path, path: Path) -> None:
+    """Move the complete directory `written` to `path`: one rename when `path` does not exist, else each
+    file replaced by rename (other files in `path` stay). Files and directories are synced first, so a
+    crash leaves either the old or the new file, never a partial one."""
+    for file in written.iterdir():
+        with file.open("rb") as handle:
+            os.fsync(handle.fileno())
+    if path.exists():
+        for file in written.iterdir():
+            os.replace(file, path / file.name)
+        written.rmdir()
+    else:
+        os.replace(written, path)
+    descriptor = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records of `path` (metrics JSONL) after `step`, and a half-written last line, atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short when the run was killed
+        if line.endswith("\n") and record.get("step", 0) <= step:
+            kept.append(line)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(kept))
+    os.replace(temporary, path)
 
 
 def build(cfg: TrainConfig, resume: Path | None) -> tuple[Owl3ForCausalLM, Owl3Processor]:
@@ -286,10 +363,16 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
 
     def save(self, path: Path, trainer_state: bool = True) -> None:
-        """Official checkpoint (adapters merged) + tokenizer at `path`; with `trainer_state`, also what resuming needs."""
+        """Official checkpoint (adapters merged) + tokenizer at `path`; with `trainer_state`, also what resuming needs.
+
+        Everything is written into `path.tmp` first and then renamed into place, so a run killed while
+        saving leaves no partial checkpoint at `path` (`resume: auto` skips a leftover `.tmp`)."""
         full = self._full_state()
         optimizer = self._optimizer_state() if trainer_state else None
         if self.dist.main:
+            final, path = path, path.with_name(path.name + ".tmp")
+            if path.exists():
+                shutil.rmtree(path)
             save_merged(merged_state_dict(full, self.cfg.lora_alpha / self.cfg.lora_r), self.model.config, path)
             self.processor.save_pretrained(path)
             if trainer_state:
@@ -306,6 +389,7 @@ class Trainer:
                     names = {n for n, p in self.model.named_parameters() if p.requires_grad}
                     state["trainable"] = {n: t for n, t in full.items() if n in names}
                 torch.save(state, path / STATE_FILE)
+            replace_directory(path, final)
         if self.dist.world_size > 1:
             dist.barrier()
 
@@ -328,6 +412,7 @@ class Trainer:
         if total_labels == 0:
             raise RecipeError(f"step {self.step + 1}: the global batch has no assistant tokens to learn from")
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         for i, batch in enumerate(micro_batches):
             inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
             last = i == len(micro_batches) - 1
@@ -335,12 +420,14 @@ class Trainer:
             with sync:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     loss, _ = self.wrapped(**inputs)
+                if not loss.requires_grad:
+                    # no trainable parameter took part (e.g. the hyper policy on a batch without images):
+                    # a zero-weighted term gives them zero gradients, so backward (and DDP's reduction) runs
+                    loss = loss + sum(p.sum() for p in trainable) * 0.0
                 # DDP averages gradients over ranks: multiply by world size to get the global token mean.
                 (loss * (self.dist.world_size / total_labels)).backward()
             loss_sum += loss.detach().double()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.requires_grad], self.cfg.max_grad_norm
-        )
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -372,6 +459,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "train_config.yaml")
             writer = _tensorboard(self.out) if cfg.tensorboard else None
+        if self.dist.main and self.resume_dir is not None:
+            truncate_metrics(self.out / METRICS_FILE, self.step)  # the steps after the checkpoint run again
         metrics = (self.out / METRICS_FILE).open("a") if self.dist.main else None
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.dist.main), desc="train")
         began = time.perf_counter()
