@@ -1,7 +1,7 @@
 """Long videos end to end with bounded memory: file -> frames (decoded in a background thread, in
 chunks) -> vision tower -> visual K/V -> first token, with no step holding every frame at once.
 
-The prompt is sized from the video header (`count_sampled_frames`) before decoding starts, so the
+The prompt is sized from the video's packet index (`plan_video`) before decoding starts, so the
 visual K/V storage is preallocated (and checked against the memory budget) up front; then decoding
 of chunk i+1 overlaps the encoding of chunk i.
 """
@@ -17,7 +17,7 @@ from hyperowl.engine.visual import PixelStream, prefetch
 from hyperowl.processing.chat import render_chat_with_spans
 from hyperowl.processing.image import image_to_tensor
 from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
-from hyperowl.processing.video import VideoFileSource, count_sampled_frames, iter_video_chunks
+from hyperowl.processing.video import DEFAULT_SAMPLING, Sampling, VideoFileSource, plan_video
 
 if TYPE_CHECKING:
     from hyperowl.engine.generate import GenerationOutput
@@ -34,21 +34,23 @@ def video_pixel_stream(
     chunk_size: int = 32,
     pin_memory: bool = False,
     depth: int = 2,
+    sampling: Sampling = DEFAULT_SAMPLING,
 ) -> PixelStream:
     """The sampled frames of a video file as pixel chunks `[n <= chunk_size, 3, S, S]` (float32,
     normalised as the processor does), decoded up to `depth` chunks ahead in a background thread.
 
-    `total` is known from the header before decoding starts. `pin_memory` pins each chunk so its
-    copy to a GPU overlaps the work. Raises `MediaError` for unreadable files (here or while iterating).
+    `total` is known from the packet index before decoding starts. `pin_memory` pins each chunk so its
+    copy to a GPU overlaps the work. `sampling`: how frames are reached (`hyperowl.processing.video.Sampling`).
+    Raises `MediaError` for unreadable files (here or while iterating).
     """
-    total = count_sampled_frames(src, fps=fps, max_frames=max_frames)
+    plan = plan_video(src, fps=fps, max_frames=max_frames, sampling=sampling)
 
     def chunks() -> Iterator[torch.Tensor]:
-        for clip in iter_video_chunks(src, chunk_size, fps=fps, max_frames=max_frames, progress=False):
+        for clip in plan.chunks(chunk_size, progress=False):
             pixels = image_to_tensor(clip.frames, image_size)
             yield pixels.pin_memory() if pin_memory else pixels
 
-    return PixelStream(total, prefetch(chunks(), depth))
+    return PixelStream(len(plan), prefetch(chunks(), depth))
 
 
 def video_prompt(processor: Owl3Processor, question: str, num_frames: int, system: str | None = None) -> dict[str, torch.Tensor]:
@@ -78,6 +80,7 @@ def answer_video(
     fps: float = 1.0,
     max_frames: int | None = None,
     system: str | None = None,
+    sampling: Sampling = DEFAULT_SAMPLING,
     **generate_kwargs: Any,
 ) -> GenerationOutput:
     """Answer `question` about the video `src` with frames streamed through the model in chunks of
@@ -93,6 +96,7 @@ def answer_video(
         max_frames=max_frames,
         chunk_size=model.visual_options.chunk_size,
         pin_memory=model.device.type == "cuda",
+        sampling=sampling,
     )
     batch = video_prompt(processor, question, stream.total, system)
     generate_kwargs.setdefault("stop_token_ids", processor.stop_token_ids)
