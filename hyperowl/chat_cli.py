@@ -3,6 +3,7 @@
 Examples:
   hyperowl chat --image cat.jpg "What is in the picture?"
   hyperowl chat --video movie.mp4 --max-frames 64 "What happens at the end?"
+  hyperowl chat --video film.mkv --max-frames 400 --video-sampling keyframe "Who is in the film?"
   hyperowl chat --image a.png --image b.png          (interactive; /image P and /video P add media, /quit ends)
 """
 
@@ -17,6 +18,7 @@ from hyperowl.cli import add_model_arguments, load_model_and_processor
 from hyperowl.engine.chat import ChatSession
 from hyperowl.engine.sampling import SamplingParams
 from hyperowl.errors import HyperowlError
+from hyperowl.processing.video import DEFAULT_SAMPLING
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video", action="append", default=[], type=Path, help="video file (repeatable)")
     parser.add_argument("--max-frames", type=int, default=None, help="most frames sampled per video")
     parser.add_argument("--fps", type=float, default=None, help="frames per second sampled before the --max-frames cap")
+    parser.add_argument(
+        "--video-sampling",
+        choices=["exact", "keyframe"],
+        default=DEFAULT_SAMPLING,
+        help="exact: the sampled frames themselves (seek to the keyframe before each, decode to it); "
+        "keyframe: the keyframe nearest to each (decodes one frame per sample, much faster on long films)",
+    )
     parser.add_argument("--no-cut", action="store_true", help="do not cut images into tiles (global view only)")
     parser.add_argument("--system", default=None, help="system prompt")
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -54,7 +63,15 @@ def run(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
     )
-    session = ChatSession(model, processor, system=args.system, params=params, vision_chunk_size=args.vision_chunk_size, progress=True)
+    session = ChatSession(
+        model,
+        processor,
+        system=args.system,
+        params=params,
+        vision_chunk_size=args.vision_chunk_size,
+        progress=True,
+        video_sampling=args.video_sampling,
+    )
     images, videos = [str(p) for p in args.image], [str(p) for p in args.video]
     if args.question:
         answer(session, args.question, images, videos, args.stats)

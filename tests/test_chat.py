@@ -131,15 +131,20 @@ def test_interactive_chat_keeps_the_conversation(tiny_checkpoint, pictures):
     assert "file.png" in run.stderr and "Traceback" not in run.stderr
 
 
-def test_chat_command_with_a_video_file(owl, tiny_checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize("sampling", ["exact", "keyframe"])
+def test_chat_command_with_a_video_file(owl, tiny_checkpoint, tmp_path, capsys, sampling):
+    from hyperowl.processing.video import load_video
     from tests.media import write_video
 
     model, processor = owl
     video = tmp_path / "clip.mp4"
     write_video(video, seconds=6, fps=4, codec="libx264")
-    code = main(["chat", "--model", str(tiny_checkpoint), "--video", str(video), "--max-frames", "4", "--max-new-tokens", "4", "What happened?"])
+    flags = ["--max-frames", "4", "--max-new-tokens", "4", "--video-sampling", sampling]
+    code = main(["chat", "--model", str(tiny_checkpoint), "--video", str(video), *flags, "What happened?"])
     assert code == 0
-    batch = processor([{"role": "user", "content": "<|video|>What happened?"}], videos=[str(video)], max_frames=4)
+    clip = load_video(video, max_frames=4, sampling=sampling)
+    assert clip.timestamps == ([0.0, 2.0, 3.0, 5.0] if sampling == "exact" else [0.0, 2.0, 3.0, 4.0])  # no keyframe at 5 s
+    batch = processor([{"role": "user", "content": "<|video|>What happened?"}], videos=[clip])
     assert int((batch["input_ids"] == processor.image_token_id).sum()) == 4
     out = model.generate(**batch, max_new_tokens=4, stop_token_ids=processor.stop_token_ids)
     ids = [i for i in out.sequences[0, : out.num_generated[0]].tolist() if i not in processor.stop_token_ids]

@@ -13,7 +13,7 @@ from hyperowl.engine.generate import stream_text
 from hyperowl.engine.sampling import SamplingParams
 from hyperowl.model.owl3 import Owl3ForCausalLM
 from hyperowl.processing.processor import Owl3Processor
-from hyperowl.processing.video import load_video
+from hyperowl.processing.video import DEFAULT_SAMPLING, Sampling, load_video
 
 
 class ChatSession:
@@ -31,12 +31,14 @@ class ChatSession:
         params: SamplingParams | None = None,
         vision_chunk_size: int | None = None,
         progress: bool = False,
+        video_sampling: Sampling = DEFAULT_SAMPLING,
     ) -> None:
         self.model = model
         self.processor = processor
         self.params = params or SamplingParams()
         self.vision_chunk_size = vision_chunk_size
         self.progress = progress
+        self.video_sampling = video_sampling
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         self.images: list[Any] = []
         self.videos: list[Any] = []
@@ -52,7 +54,13 @@ class ChatSession:
         images, videos = list(images or []), list(videos or [])
         prefix = "<|image|>" * (len(images) - text.count("<|image|>")) + "<|video|>" * (len(videos) - text.count("<|video|>"))
         videos = [
-            load_video(v, fps=self.processor.video_fps, max_frames=self.processor.max_frames, progress=self.progress)
+            load_video(
+                v,
+                fps=self.processor.video_fps,
+                max_frames=self.processor.max_frames,
+                progress=self.progress,
+                sampling=self.video_sampling,
+            )
             if isinstance(v, (str, Path))
             else v
             for v in videos

@@ -26,7 +26,7 @@ from PIL import Image
 
 from hyperowl.errors import MediaError
 from hyperowl.processing.image import load_image
-from hyperowl.processing.video import VideoClip, load_video
+from hyperowl.processing.video import DEFAULT_SAMPLING, Sampling, VideoClip, load_video
 from hyperowl.serve.errors import ApiError, limit_error
 from hyperowl.serve.settings import ServerSettings
 
@@ -151,8 +151,16 @@ def load_checked_image(source: MediaSource, index: int, settings: ServerSettings
     return load_image(source, settings.max_image_pixels)
 
 
-def load_checked_video(source: MediaSource, index: int, fps: float, max_frames: int, settings: ServerSettings) -> VideoClip:
-    """Decode up to `max_frames` sampled frames of video number `index` after checking its frame size."""
+def load_checked_video(
+    source: MediaSource,
+    index: int,
+    fps: float,
+    max_frames: int,
+    settings: ServerSettings,
+    sampling: Sampling = DEFAULT_SAMPLING,
+) -> VideoClip:
+    """Decode up to `max_frames` sampled frames of video number `index` (reached as `sampling` says)
+    after checking its frame size."""
     try:
         with av.open(_opened(source), mode="r") as container:
             streams = container.streams.video
@@ -165,4 +173,4 @@ def load_checked_video(source: MediaSource, index: int, fps: float, max_frames: 
             "max_image_pixels",
             "messages",
         )
-    return load_video(source, fps=fps, max_frames=max_frames)
+    return load_video(source, fps=fps, max_frames=max_frames, sampling=sampling)
