@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import struct
-from fractions import Fraction
 import zlib
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import av

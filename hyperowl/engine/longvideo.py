@@ -60,6 +60,14 @@ def video_prompt(processor: Owl3Processor, question: str, num_frames: int, syste
     messages = ([{"role": "system", "content": system}] if system is not None else []) + [
         {"role": "user", "content": f"{VIDEO_TOKEN}\n{question}".replace(VIDEO_TOKEN, IMAGE_TOKEN * num_frames)}
     ]
+    return expanded_prompt(processor, messages)
+
+
+def expanded_prompt(processor: Owl3Processor, messages: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Model inputs (batch 1, no pixels) of one conversation whose media placeholders are already
+    expanded (one `<|image|>` per view, as `Owl3Processor` expands them), rendered and tokenized as the
+    processor does, with a generation prompt. Keys: `input_ids`, `attention_mask` `[1, T]`,
+    `media_offset` `[1, T, 2]` (every token sees the views before it)."""
     prompt, _ = render_chat_with_spans(messages, True)
     ids = torch.tensor([processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]], dtype=torch.long)
     is_image = ids == processor.image_token_id
