@@ -34,6 +34,7 @@ VideoFileSource = str | Path | bytes
 #: ``keyframe``: take the keyframe nearest to each sampled frame (decodes one frame per sample;
 #: timestamps are the keyframes' own, so they can be up to half a keyframe interval off the grid).
 #: ``scan``: decode the whole file once from the start (the reference ``exact`` is tested against).
+#: Files whose packets lack usable timestamps (e.g. some avi) are always scanned, whatever the mode.
 Sampling = Literal["exact", "keyframe", "scan"]
 SAMPLING_MODES: tuple[str, ...] = ("exact", "keyframe", "scan")
 #: Exact frames by default: the official frame choice, several times faster than a scan on long files.
@@ -116,8 +117,8 @@ class FrameIndex:
 
 
 def _read_index(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> FrameIndex | None:
-    """Demux every packet of ``stream`` once; None when some packet has no timestamp or there is no
-    keyframe (such files are only read in one decoding pass)."""
+    """Demux every packet of ``stream`` once; None when some packet has no timestamp, two packets share
+    one, or there is no keyframe (such files are only read in one decoding pass)."""
     pts: list[int] = []
     keyframes: list[int] = []
     for packet in container.demux(stream):
@@ -128,7 +129,7 @@ def _read_index(container: av.container.InputContainer, stream: av.video.stream.
         pts.append(packet.pts)
         if packet.is_keyframe:
             keyframes.append(packet.pts)
-    if pts and not keyframes:
+    if (pts and not keyframes) or len(set(pts)) != len(pts):
         return None
     return FrameIndex(sorted(pts), sorted(keyframes))
 
