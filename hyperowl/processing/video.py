@@ -338,17 +338,39 @@ def _keyframe_frames(
     wanted: list[int],
 ) -> Iterator[tuple[int, av.VideoFrame]]:
     """``(position in wanted, frame)`` with the keyframe nearest to each presentation timestamp in
-    ``wanted`` (sorted): seek there and decode that keyframe alone (non-key frames are skipped
-    undecoded). Targets sharing a nearest keyframe get the same frame."""
+    ``wanted`` (sorted). Targets sharing a nearest keyframe get the same frame."""
     stream.codec_context.skip_frame = "NONKEY"
     taken: av.VideoFrame | None = None
     for position, pts in enumerate(wanted):
         keyframe = index.nearest_keyframe(pts)
         if taken is None or taken.pts != keyframe:
-            frames = _decode_from(container, stream, index, bisect.bisect_left(index.keyframe_pts, keyframe), keyframe)
-            taken = next((frame for frame in frames if frame.pts >= keyframe), None)
+            taken = _decode_keyframe(container, stream, index, keyframe)
         if taken is not None and taken.pts == keyframe:
             yield position, taken
+
+
+def _decode_keyframe(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, index: FrameIndex, keyframe: int
+) -> av.VideoFrame | None:
+    """The frame of the keyframe with presentation timestamp ``keyframe``: seek there, decode its packet
+    alone and drain the decoder (no reordering delay, nothing after it decoded). When the seek does
+    not reach that packet, decode forward from the keyframe before (non-key frames skipped)."""
+    codec = stream.codec_context
+    container.seek(keyframe, stream=stream, backward=True, any_frame=False)
+    for packet in container.demux(stream):
+        if packet.pts is None or not packet.size:
+            continue
+        if packet.pts == keyframe and packet.is_keyframe:
+            frames = [*codec.decode(packet), *codec.decode(None)]
+            codec.flush_buffers()
+            frame = next((frame for frame in frames if frame.pts == keyframe), None)
+            if frame is not None:
+                frame.time_base = stream.time_base
+            return frame
+        if packet.is_keyframe and packet.pts > keyframe:
+            break
+    frames = _decode_from(container, stream, index, bisect.bisect_left(index.keyframe_pts, keyframe), keyframe)
+    return next((frame for frame in frames if frame.pts >= keyframe), None)
 
 
 def _decode_chunks(plan: VideoPlan, chunk_size: int, progress: bool | None) -> Iterator[VideoClip]:
