@@ -69,6 +69,7 @@ class ChatSession:
                 max_frames=self.processor.max_frames,
                 progress=self.progress,
                 sampling=self.video_sampling,
+                max_pixels=self.processor.max_pixels,
             )
             if isinstance(v, (str, Path))
             else v
