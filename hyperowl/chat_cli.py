@@ -3,6 +3,7 @@
 Examples:
   hyperowl chat --image cat.jpg "What is in the picture?"
   hyperowl chat --video movie.mp4 --max-frames 64 "What happens at the end?"
+  hyperowl chat --video film.mkv --max-frames 400 --video-sampling keyframe "Who is in the film?"
   hyperowl chat --image a.png --image b.png          (interactive; /image P and /video P add media, /quit ends)
 """
 
@@ -19,6 +20,7 @@ from hyperowl.config import GenerationConfig
 from hyperowl.engine.conversation import ChatSession
 from hyperowl.engine.sampling import REPETITION_PENALTY_RANGE, SEED_RANGE, SamplingParams
 from hyperowl.errors import HyperowlError
+from hyperowl.processing.video import DEFAULT_SAMPLING
 
 #: Answer length when neither --max-new-tokens nor the model's generation config sets one.
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -31,6 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video", action="append", default=[], type=Path, help="video file (repeatable)")
     parser.add_argument("--max-frames", type=int, default=None, help="most frames sampled per video")
     parser.add_argument("--fps", type=float, default=None, help="frames per second sampled before the --max-frames cap")
+    parser.add_argument(
+        "--video-sampling",
+        choices=["exact", "keyframe"],
+        default=DEFAULT_SAMPLING,
+        help="exact: the sampled frames themselves (seek to the keyframe before each, decode to it); "
+        "keyframe: the keyframe nearest to each (decodes one frame per sample, much faster on long films)",
+    )
     parser.add_argument("--no-cut", action="store_true", help="do not cut images into tiles (global view only)")
     parser.add_argument("--system", default=None, help="system prompt")
     defaults = "default: the model's generation_config.json"
@@ -79,7 +88,15 @@ def run(args: argparse.Namespace) -> int:
         overrides["video_fps"] = args.fps
     model, processor = load_model_and_processor(args, **overrides)
     params = sampling_params(args, model.generation_config)
-    session = ChatSession(model, processor, system=args.system, params=params, vision_chunk_size=args.vision_chunk_size, progress=True)
+    session = ChatSession(
+        model,
+        processor,
+        system=args.system,
+        params=params,
+        vision_chunk_size=args.vision_chunk_size,
+        progress=True,
+        video_sampling=args.video_sampling,
+    )
     images, videos = [str(p) for p in args.image], [str(p) for p in args.video]
     if args.question is not None:
         answer(session, args.question, images, videos, args.stats)

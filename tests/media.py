@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -76,3 +77,51 @@ def nearest_second(image: Image.Image) -> int:
     """Index of the ``SECOND_COLORS`` entry closest to the image's mean colour."""
     mean = np.asarray(image, dtype=np.float64).reshape(-1, 3).mean(axis=0)
     return int(np.argmin([np.abs(mean - np.array(c)).sum() for c in SECOND_COLORS]))
+
+
+def pattern_frame(number: int, size: tuple[int, int]) -> np.ndarray:
+    """RGB ``(h, w, 3)`` frame ``number`` of a pattern video: diagonal stripes shifted by the frame number
+    and a bright bar whose position encodes it (every frame differs from its neighbours)."""
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    array = np.stack([(x * 4 + number * 9) % 256, (y * 4 + number * 5) % 256, ((x + y) * 2) % 256], -1)
+    array[:, (number * 4) % w : (number * 4) % w + 4] = 255
+    return array.astype(np.uint8)
+
+
+def write_pattern_video(
+    path: Path,
+    frames: int,
+    codec: str = "libx264",
+    *,
+    fps: int = 8,
+    size: tuple[int, int] = (64, 48),
+    keyframe_interval: int = 8,
+    b_frames: int = 0,
+    pts: Sequence[int] | None = None,
+    time_base: Fraction | None = None,
+) -> Path:
+    """Write ``frames`` :func:`pattern_frame` frames with a keyframe every ``keyframe_interval`` frames
+    and up to ``b_frames`` B-frames between references. ``pts`` (in ``time_base`` units, default
+    ``1/fps``) gives each frame its own presentation time (a variable frame rate)."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.gop_size = keyframe_interval
+        stream.codec_context.max_b_frames = b_frames
+        if codec == "libx264":
+            stream.options = {"x264-params": f"keyint={keyframe_interval}:min-keyint={keyframe_interval}:scenecut=0:bframes={b_frames}"}
+        if time_base is not None:
+            stream.time_base = time_base
+            stream.codec_context.time_base = time_base
+        for number in range(frames):
+            frame = av.VideoFrame.from_ndarray(pattern_frame(number, size), format="rgb24")
+            frame.pts = number if pts is None else pts[number]
+            if time_base is not None:
+                frame.time_base = time_base
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

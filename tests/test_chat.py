@@ -76,6 +76,51 @@ def test_multi_turn_reuses_caches_and_equals_fresh_runs(owl, pictures):
     assert third == fresh_answer(model, processor, messages, pictures, 6)
 
 
+def test_each_medium_is_loaded_and_converted_once_across_turns(owl, pictures, tmp_path, monkeypatch):
+    from hyperowl.engine import conversation as chat_module
+    from hyperowl.processing import processor as processor_module
+    from hyperowl.processing.video import load_video
+    from tests.media import write_video
+
+    model, processor = owl
+    video = str(write_video(tmp_path / "clip.mp4", seconds=4, fps=4, codec="libx264"))
+    loads: dict[str, int] = {}
+    converted = [0]
+
+    def counting(load):
+        def wrapper(src, *args, **kwargs):
+            loads[str(src)] = loads.get(str(src), 0) + 1
+            return load(src, *args, **kwargs)
+
+        return wrapper
+
+    def counting_conversion(views, size):
+        converted[0] += len(views)
+        return to_tensor(views, size)
+
+    to_tensor = chat_module.image_to_tensor
+    monkeypatch.setattr(processor_module, "load_image", counting(processor_module.load_image))
+    monkeypatch.setattr(chat_module, "load_video", counting(chat_module.load_video))
+    monkeypatch.setattr(chat_module, "image_to_tensor", counting_conversion)
+    session = ChatSession(model, processor, params=SamplingParams(max_new_tokens=5))
+    turns = [("What is shown?", [pictures[0]], [video]), ("And then?", [], []), ("Compare with this.", [pictures[1]], [])]
+    answers = [session.ask(text, images=images, videos=videos) for text, images, videos in turns]
+    monkeypatch.undo()
+    assert loads == {pictures[0]: 1, video: 1, pictures[1]: 1}
+    clip = load_video(video, fps=processor.video_fps, max_frames=processor.max_frames)
+    contents = ["<|image|><|video|>What is shown?", "And then?", "<|image|>Compare with this."]
+    messages: list[dict[str, str]] = []
+    for turn, (content, answer) in enumerate(zip(contents, answers)):
+        messages.append({"role": "user", "content": content})
+        images = [pictures[0]] + ([pictures[1]] if turn == 2 else [])
+        batch = processor(messages, images=images, videos=[clip])
+        out = model.generate(**batch, max_new_tokens=5, stop_token_ids=processor.stop_token_ids)
+        ids = [i for i in out.sequences[0, : out.num_generated[0]].tolist() if i not in processor.stop_token_ids]
+        assert answer == processor.decode(ids, skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": answer})
+    assert converted[0] == batch["pixel_values"].shape[0]  # every view of the conversation, converted once
+
+
 def test_bad_turn_leaves_the_session_usable(owl, pictures, tmp_path):
     model, processor = owl
     session = ChatSession(model, processor, params=SamplingParams(max_new_tokens=3))
@@ -131,15 +176,20 @@ def test_interactive_chat_keeps_the_conversation(tiny_checkpoint, pictures):
     assert "file.png" in run.stderr and "Traceback" not in run.stderr
 
 
-def test_chat_command_with_a_video_file(owl, tiny_checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize("sampling", ["exact", "keyframe"])
+def test_chat_command_with_a_video_file(owl, tiny_checkpoint, tmp_path, capsys, sampling):
+    from hyperowl.processing.video import load_video
     from tests.media import write_video
 
     model, processor = owl
     video = tmp_path / "clip.mp4"
     write_video(video, seconds=6, fps=4, codec="libx264")
-    code = main(["chat", "--model", str(tiny_checkpoint), "--video", str(video), "--max-frames", "4", "--max-new-tokens", "4", "What happened?"])
+    flags = ["--max-frames", "4", "--max-new-tokens", "4", "--video-sampling", sampling]
+    code = main(["chat", "--model", str(tiny_checkpoint), "--video", str(video), *flags, "What happened?"])
     assert code == 0
-    batch = processor([{"role": "user", "content": "<|video|>What happened?"}], videos=[str(video)], max_frames=4)
+    clip = load_video(video, max_frames=4, sampling=sampling)
+    assert clip.timestamps == ([0.0, 2.0, 3.0, 5.0] if sampling == "exact" else [0.0, 2.0, 3.0, 4.0])  # no keyframe at 5 s
+    batch = processor([{"role": "user", "content": "<|video|>What happened?"}], videos=[clip])
     assert int((batch["input_ids"] == processor.image_token_id).sum()) == 4
     out = model.generate(**batch, max_new_tokens=4, stop_token_ids=processor.stop_token_ids)
     ids = [i for i in out.sequences[0, : out.num_generated[0]].tolist() if i not in processor.stop_token_ids]

@@ -241,6 +241,21 @@ def test_video_streaming_and_not(client: openai.OpenAI, ref: Reference, model_na
     assert "".join(c.choices[0].delta.content or "" for c in stream) == expected
 
 
+def test_video_keyframe_sampling(client: openai.OpenAI, ref: Reference, model_name: str, media_dir: Path) -> None:
+    """`"sampling": "keyframe"` answers about the keyframes nearest to the sampled frames."""
+    from tests.media import write_pattern_video
+
+    path = write_pattern_video(media_dir / "gop.mp4", 40, fps=4, keyframe_interval=20)  # keyframes at 0 s and 5 s
+    question = {"type": "text", "text": "What happened first in the video?"}
+    clip = load_video(path, fps=ref.processor.video_fps, max_frames=3, sampling="keyframe")
+    exact = load_video(path, fps=ref.processor.video_fps, max_frames=3)
+    assert (clip.timestamps, exact.timestamps) == ([0.0, 5.0, 5.0], [1.0, 5.0, 8.0])
+    expected = ref.answer(user({"type": "video"}, question), videos=[clip])[0]
+    part = {"type": "video_url", "video_url": {"url": "gop.mp4", "max_frames": 3, "sampling": "keyframe"}}
+    reply = client.chat.completions.create(model=model_name, messages=user(part, question), temperature=0, max_tokens=16)
+    assert reply.choices[0].message.content == expected
+
+
 def test_stop_strings_seed_and_sampling(client: openai.OpenAI, ref: Reference, model_name: str) -> None:
     messages = [{"role": "user", "content": "Describe the picture."}]
     full = ref.answer(messages, max_tokens=30)[0]
@@ -391,6 +406,12 @@ def bad_requests(media_dir: Path, model_name: str) -> list[tuple[str, Any, int, 
             body({"type": "video_url", "video_url": {"url": "clip.mp4", "max_frames": 9}}, text),
             400,
             "max_frames",
+        ),
+        (
+            "unknown video sampling",
+            body({"type": "video_url", "video_url": {"url": "clip.mp4", "sampling": "fast"}}, text),
+            422,
+            "invalid_request",
         ),
         (
             "body too large",

@@ -1,4 +1,5 @@
-"""Multi-turn chat over one conversation, reusing the text KV prefix and the visual K/V between turns."""
+"""Multi-turn chat over one conversation, reusing the text KV prefix and the visual K/V between turns;
+each image and video is loaded, cut and converted once, in the turn that brings it."""
 
 from __future__ import annotations
 
@@ -9,17 +10,23 @@ from typing import Any
 import torch
 
 from hyperowl.engine.generate import Owl3ForCausalLM, stream_text
+from hyperowl.engine.longvideo import expanded_prompt
 from hyperowl.engine.sampling import SamplingParams
+from hyperowl.errors import PromptError
 from hyperowl.model.cache import TextKVCache, VisualKV
+from hyperowl.processing.image import image_to_tensor
 from hyperowl.processing.processor import Owl3Processor
-from hyperowl.processing.video import load_video
+from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
+from hyperowl.processing.video import DEFAULT_SAMPLING, Sampling, load_video
 
 
 class ChatSession:
     """A conversation with one model. Each `ask` sends only what is new to the model:
 
     the tokens after the longest prefix already in the text KV cache, and the images not yet encoded
-    (their visual K/V are appended to the cached ones). Videos are decoded once and kept as frames.
+    (their visual K/V are appended to the cached ones). Only a turn's own media are loaded, cut into
+    views and converted to pixels; earlier turns are kept with their placeholders already expanded
+    (`expanded`), so no file is read twice and no pixels are made twice.
     """
 
     def __init__(
@@ -30,13 +37,17 @@ class ChatSession:
         params: SamplingParams | None = None,
         vision_chunk_size: int | None = None,
         progress: bool = False,
+        video_sampling: Sampling = DEFAULT_SAMPLING,
     ) -> None:
         self.model = model
         self.processor = processor
         self.params = params or SamplingParams()
         self.vision_chunk_size = vision_chunk_size
         self.progress = progress
+        self.video_sampling = video_sampling
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+        #: `messages` with each `<|image|>`/`<|video|>` already replaced by one `<|image|>` per view.
+        self.expanded: list[dict[str, Any]] = list(self.messages)
         self.images: list[Any] = []
         self.videos: list[Any] = []
         self.cache: TextKVCache | None = None
@@ -51,21 +62,37 @@ class ChatSession:
         images, videos = list(images or []), list(videos or [])
         prefix = "<|image|>" * (len(images) - text.count("<|image|>")) + "<|video|>" * (len(videos) - text.count("<|video|>"))
         videos = [
-            load_video(v, fps=self.processor.video_fps, max_frames=self.processor.max_frames, progress=self.progress)
+            load_video(
+                v,
+                fps=self.processor.video_fps,
+                max_frames=self.processor.max_frames,
+                progress=self.progress,
+                sampling=self.video_sampling,
+                max_pixels=self.processor.max_pixels,
+            )
             if isinstance(v, (str, Path))
             else v
             for v in videos
         ]
-        messages = [*self.messages, {"role": "user", "content": prefix + text}]
-        batch = self.processor(messages, images=(self.images + images) or None, videos=(self.videos + videos) or None)
+        content = prefix + text
+        for token, kind, given in ((IMAGE_TOKEN, "image", images), (VIDEO_TOKEN, "video", videos)):
+            if content.count(token) != len(given):
+                raise PromptError(f"{content.count(token)} {token} placeholder(s) but {len(given)} {kind}(s) given")
+        proc = self.processor
+        (expanded_content,), views, _ = proc._expand_media(
+            [content], images, videos, proc.cut_enable, proc.video_fps, proc.max_frames
+        )
+        messages = [*self.messages, {"role": "user", "content": content}]
+        expanded = [*self.expanded, {"role": "user", "content": expanded_content}]
+        batch = expanded_prompt(proc, expanded)
+        new_pixels = image_to_tensor(views, proc.image_size) if views else None
         # Bad input raised above; only now does the conversation take the new turn.
-        self.messages, self.images, self.videos = messages, self.images + images, self.videos + videos
+        self.messages, self.expanded = messages, expanded
+        self.images, self.videos = self.images + images, self.videos + videos
         ids = batch["input_ids"][0]
         shared = self._shared_prefix(ids)
         if self.cache is not None:
             self.cache.truncate(shared)
-        pixels = batch["pixel_values"]
-        new_pixels = None if pixels is None or pixels.shape[0] == self.encoded_images else pixels[self.encoded_images :]
         state: dict[str, Any] = {}
         inputs = {"input_ids": ids[shared:][None], "media_offset": batch["media_offset"][:, shared:], "pixel_values": new_pixels}
         yield from stream_text(
@@ -79,12 +106,13 @@ class ChatSession:
             vision_chunk_size=self.vision_chunk_size,
         )
         self.cache, self.visual = state["cache"], state["visual"]
-        self.encoded_images = 0 if pixels is None else pixels.shape[0]
+        self.encoded_images += 0 if new_pixels is None else new_pixels.shape[0]
         # The cache holds the prompt and every answer token but the last one sampled.
         answer_ids = state["token_ids"]
         self.cached_ids = torch.cat([ids, torch.tensor(answer_ids[:-1], dtype=torch.long)])
         self.last_stats = {"first_token_s": state.get("first_token_s", 0.0), "prompt_tokens": len(ids) - shared, "new_tokens": len(answer_ids)}
         self.messages.append({"role": "assistant", "content": state["text"]})
+        self.expanded.append({"role": "assistant", "content": state["text"]})
 
     def ask(self, text: str, images: list[Any] | None = None, videos: list[Any] | None = None) -> str:
         """`ask_stream`, joined."""

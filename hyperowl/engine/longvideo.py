@@ -1,7 +1,7 @@
 """Long videos end to end with bounded memory: file -> frames (decoded in a background thread, in
 chunks) -> vision tower -> visual K/V -> first token, with no step holding every frame at once.
 
-The prompt is sized from the video header (`count_sampled_frames`) before decoding starts, so the
+The prompt is sized from the video's packet index (`plan_video`) before decoding starts, so the
 visual K/V storage is preallocated (and checked against the memory budget) up front; then decoding
 of chunk i+1 overlaps the encoding of chunk i.
 """
@@ -18,7 +18,7 @@ from hyperowl.model.owl3 import PixelStream
 from hyperowl.processing.image import image_to_tensor
 from hyperowl.processing.template import render_chat_with_spans
 from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
-from hyperowl.processing.video import VideoFileSource, count_sampled_frames, iter_video_chunks
+from hyperowl.processing.video import DEFAULT_SAMPLING, Sampling, VideoFileSource, plan_video
 
 if TYPE_CHECKING:
     from hyperowl.engine.generate import GenerationOutput
@@ -35,21 +35,23 @@ def video_pixel_stream(
     chunk_size: int = 32,
     pin_memory: bool = False,
     depth: int = 2,
+    sampling: Sampling = DEFAULT_SAMPLING,
 ) -> PixelStream:
     """The sampled frames of a video file as pixel chunks `[n <= chunk_size, 3, S, S]` (float32,
     normalised as the processor does), decoded up to `depth` chunks ahead in a background thread.
 
-    `total` is known from the header before decoding starts. `pin_memory` pins each chunk so its
-    copy to a GPU overlaps the work. Raises `MediaError` for unreadable files (here or while iterating).
+    `total` is known from the packet index before decoding starts. `pin_memory` pins each chunk so its
+    copy to a GPU overlaps the work. `sampling`: how frames are reached (`hyperowl.processing.video.Sampling`).
+    Raises `MediaError` for unreadable files (here or while iterating).
     """
-    total = count_sampled_frames(src, fps=fps, max_frames=max_frames)
+    plan = plan_video(src, fps=fps, max_frames=max_frames, sampling=sampling)
 
     def chunks() -> Iterator[torch.Tensor]:
-        for clip in iter_video_chunks(src, chunk_size, fps=fps, max_frames=max_frames, progress=False):
+        for clip in plan.chunks(chunk_size, progress=False):
             pixels = image_to_tensor(clip.frames, image_size)
             yield pixels.pin_memory() if pin_memory else pixels
 
-    return PixelStream(total, prefetch(chunks(), depth))
+    return PixelStream(len(plan), prefetch(chunks(), depth))
 
 
 def video_prompt(processor: Owl3Processor, question: str, num_frames: int, system: str | None = None) -> dict[str, torch.Tensor]:
@@ -59,6 +61,14 @@ def video_prompt(processor: Owl3Processor, question: str, num_frames: int, syste
     messages = ([{"role": "system", "content": system}] if system is not None else []) + [
         {"role": "user", "content": f"{VIDEO_TOKEN}\n{question}".replace(VIDEO_TOKEN, IMAGE_TOKEN * num_frames)}
     ]
+    return expanded_prompt(processor, messages)
+
+
+def expanded_prompt(processor: Owl3Processor, messages: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Model inputs (batch 1, no pixels) of one conversation whose media placeholders are already
+    expanded (one `<|image|>` per view, as `Owl3Processor` expands them), rendered and tokenized as the
+    processor does, with a generation prompt. Keys: `input_ids`, `attention_mask` `[1, T]`,
+    `media_offset` `[1, T, 2]` (every token sees the views before it)."""
     prompt, _ = render_chat_with_spans(messages, True)
     ids = torch.tensor([processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]], dtype=torch.long)
     is_image = ids == processor.image_token_id
@@ -79,6 +89,7 @@ def answer_video(
     fps: float = 1.0,
     max_frames: int | None = None,
     system: str | None = None,
+    sampling: Sampling = DEFAULT_SAMPLING,
     **generate_kwargs: Any,
 ) -> GenerationOutput:
     """Answer `question` about the video `src` with frames streamed through the model in chunks of
@@ -94,6 +105,7 @@ def answer_video(
         max_frames=max_frames,
         chunk_size=model.visual_options.chunk_size,
         pin_memory=model.device.type == "cuda",
+        sampling=sampling,
     )
     batch = video_prompt(processor, question, stream.total, system)
     generate_kwargs.setdefault("stop_token_ids", processor.stop_token_ids)

@@ -2,13 +2,19 @@
 
 Frames are chosen as in the official mPLUG-Owl3 demo: one frame every ``round(native_fps / fps)``
 frames (1 frame per second by default), then uniformly down to at most ``max_frames``. The frame
-indices are fixed from the stream metadata before decoding, and only those frames are converted and
-kept while the file is decoded in one pass, so a long file never sits in memory.
+indices are fixed from the packet index before decoding (:func:`plan_video`), and only those frames
+are converted and kept, chunk by chunk, so a long file never sits in memory.
+
+Frames are reached by seeking (see :data:`Sampling`): the packet index (timestamps and keyframe flags
+of every packet, demuxed once without decoding) says where each keyframe interval starts, so a
+2-hour film is decoded only around the sampled frames instead of from end to end.
 """
 
 from __future__ import annotations
 
+import bisect
 import io
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +25,24 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from hyperowl.errors import MediaError
-from hyperowl.processing.image import ImageSource, load_image
+from hyperowl.processing.image import DEFAULT_MAX_PIXELS, ImageSource, load_image
 
 VideoFileSource = str | Path | bytes
 
 #: Frames kept from a video file when no cap is given (the official demo's 16). A video given as a
 #: list of frames keeps all of them by default, as in the official processor.
 FILE_MAX_FRAMES = 16
+
+#: How sampled frames are reached in a video file. ``exact``: seek to the keyframe before each
+#: sampled frame and decode forward to it (the frames a one-pass decode picks, pixel for pixel).
+#: ``keyframe``: take the keyframe nearest to each sampled frame (decodes one frame per sample;
+#: timestamps are the keyframes' own, so they can be up to half a keyframe interval off the grid).
+#: ``scan``: decode the whole file once from the start (the reference ``exact`` is tested against).
+#: Files whose packets lack usable timestamps (e.g. some avi) are always scanned, whatever the mode.
+Sampling = Literal["exact", "keyframe", "scan"]
+SAMPLING_MODES: tuple[str, ...] = ("exact", "keyframe", "scan")
+#: Exact frames by default: the official frame choice, several times faster than a scan on long files.
+DEFAULT_SAMPLING: Sampling = "exact"
 
 
 @dataclass
@@ -79,21 +96,146 @@ def _video_stream(container: av.container.InputContainer, name: str) -> av.video
     return container.streams.video[0]
 
 
-def _probe(open_container: Callable[[], av.container.InputContainer], name: str, fps: float) -> tuple[int, float]:
-    """Return ``(num_frames, native_fps)`` of the first video stream.
+@dataclass(frozen=True)
+class FrameIndex:
+    """Where the frames of a video stream are, read once by demuxing its packets (no decoding).
 
-    The frame count comes from the stream header; containers without one (mkv, webm) have their
-    packets counted in a demux-only pass (no decoding). An unknown frame rate falls back to ``fps``
-    (every frame is then one sample).
+    Attributes:
+        pts: presentation timestamp (in ``time_base`` units) of every frame, sorted; frame ``i`` of a
+            one-pass decode is the frame with ``pts[i]``.
+        keyframe_pts: presentation timestamps of the keyframes (decoding can start there), sorted.
+    """
+
+    pts: list[int]
+    keyframe_pts: list[int]
+
+    def keyframe_before(self, pts: int) -> int:
+        """Position in ``keyframe_pts`` of the last keyframe at or before ``pts`` (-1: none)."""
+        return bisect.bisect_right(self.keyframe_pts, pts) - 1
+
+    def nearest_keyframe(self, pts: int) -> int:
+        """The keyframe timestamp closest to ``pts`` (the earlier one on a tie)."""
+        after = bisect.bisect_left(self.keyframe_pts, pts)
+        candidates = self.keyframe_pts[max(after - 1, 0) : after + 1]
+        return min(candidates, key=lambda k: (abs(k - pts), k))
+
+
+def _read_index(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> FrameIndex | None:
+    """Demux every packet of ``stream`` once; None when some packet has no timestamp, two packets share
+    one, or there is no keyframe (such files are only read in one decoding pass)."""
+    pts: list[int] = []
+    keyframes: list[int] = []
+    for packet in container.demux(stream):
+        timestamp = packet.pts
+        if timestamp is None:
+            if packet.size:
+                return None
+            continue  # the empty packet that ends the stream
+        pts.append(timestamp)
+        if packet.is_keyframe:
+            keyframes.append(timestamp)
+    if (pts and not keyframes) or len(set(pts)) != len(pts):
+        return None
+    return FrameIndex(sorted(pts), sorted(keyframes))
+
+
+@dataclass
+class _Probe:
+    """What the header and the packet index say about the first video stream."""
+
+    num_frames: int
+    native_fps: float
+    index: FrameIndex | None
+
+
+def _probe(
+    open_container: Callable[[], av.container.InputContainer], name: str, fps: float, max_pixels: int
+) -> _Probe:
+    """Frame count, frame rate and packet index of the first video stream.
+
+    The frame size is checked against ``max_pixels`` from the header, before any packet is read.
+    The frame count is the number of packets with a timestamp (the header's count is not trusted:
+    mkv/webm have none, and a truncated or rewritten file may claim more than it holds); files
+    without packet timestamps fall back to the header's count. An unknown frame rate falls back to
+    ``fps`` (every frame is then one sample).
     """
     with open_container() as container:
         stream = _video_stream(container, name)
+        if stream.width * stream.height > max_pixels:
+            raise MediaError(
+                f"video frames too large: {name} has {stream.width} x {stream.height} pixel frames "
+                f"> limit of {max_pixels} pixels"
+            )
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         native_fps = float(rate) if rate else fps
-        num_frames = stream.frames
-        if num_frames <= 0:
-            num_frames = sum(1 for packet in container.demux(stream) if packet.size)
-    return num_frames, native_fps
+        header_frames = stream.frames
+        index = _read_index(container, stream)
+    if index is not None:
+        return _Probe(len(index.pts), native_fps, index)
+    if header_frames <= 0:
+        with open_container() as container:
+            stream = container.streams.video[0]
+            header_frames = sum(1 for packet in container.demux(stream) if packet.size)
+    return _Probe(header_frames, native_fps, None)
+
+
+@dataclass
+class VideoPlan:
+    """A video file opened and indexed, with its sample frames chosen; decoding happens in
+    :meth:`chunks`. ``len(plan)`` is the number of frames it yields (known before decoding)."""
+
+    name: str
+    open_container: Callable[[], av.container.InputContainer]
+    probe: _Probe
+    targets: list[int]
+    sampling: Sampling
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def chunks(self, chunk_size: int = 16, progress: bool | None = None) -> Iterator[VideoClip]:
+        """Decode the sampled frames and yield them in :class:`VideoClip` chunks of at most
+        ``chunk_size`` RGB frames, in time order.
+
+        Raises:
+            MediaError: the file stops decoding (e.g. truncated) before any sampled frame.
+        """
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        return _decode_chunks(self, chunk_size, progress)
+
+
+def plan_video(
+    src: VideoFileSource,
+    *,
+    fps: float = 1.0,
+    max_frames: int | None = 16,
+    sampling: Sampling = DEFAULT_SAMPLING,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> VideoPlan:
+    """Open ``src``, check its frame size, read its packet index and choose the frames to sample.
+
+    Args:
+        src: path or encoded file bytes of a video PyAV can read.
+        fps: frames per second to sample before the ``max_frames`` cap.
+        max_frames: cap on the number of sampled frames (None: no cap, for long-video work).
+        sampling: how frames are reached, see :data:`Sampling`.
+        max_pixels: largest accepted ``width * height`` of a frame, checked from the header.
+
+    Raises:
+        MediaError: missing or unreadable file, no video stream, frames over ``max_pixels``, no frames.
+    """
+    if sampling not in SAMPLING_MODES:
+        raise MediaError(f"unknown video sampling {sampling!r}; use one of {', '.join(SAMPLING_MODES)}")
+    name, open_container = _opener(src)
+    try:
+        probe = _probe(open_container, name, fps, max_pixels)
+    except av.FFmpegError as exc:
+        raise MediaError(f"cannot read video {name}: {exc}") from exc
+    if probe.num_frames == 0:
+        raise MediaError(f"video has no frames: {name}")
+    targets = sample_frame_indices(probe.num_frames, probe.native_fps, fps, max_frames)
+    return VideoPlan(name, open_container, probe, targets, sampling)
 
 
 def iter_video_chunks(
@@ -103,95 +245,175 @@ def iter_video_chunks(
     fps: float = 1.0,
     max_frames: int | None = 16,
     progress: bool | None = None,
+    sampling: Sampling = DEFAULT_SAMPLING,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Iterator[VideoClip]:
-    """Decode a video file in one streaming pass and yield its sampled frames in chunks.
+    """Decode the sampled frames of a video file and yield them in chunks, never all in memory.
 
-    The file is opened and probed at call time (so a missing or unreadable file raises here);
-    decoding happens while the returned iterator is consumed.
-
-    Args:
-        src: path or encoded file bytes of a video PyAV can read.
-        chunk_size: frames per yielded clip (the last may be shorter).
-        fps: frames per second to sample before the ``max_frames`` cap.
-        max_frames: cap on the number of sampled frames (None: no cap, for long-video work).
-        progress: show a tqdm bar; None shows it only on a terminal and after 1 s.
-
-    Returns:
-        An iterator of :class:`VideoClip` chunks with at most ``chunk_size`` RGB frames each, in
-        time order.
+    The file is opened and indexed at call time (so a missing or unreadable file raises here);
+    decoding happens while the returned iterator is consumed. Arguments as in :func:`plan_video`;
+    ``chunk_size`` frames per yielded clip (the last may be shorter); ``progress`` shows a tqdm bar
+    (None: only on a terminal and after 1 s).
 
     Raises:
-        MediaError: missing or unreadable file, no video stream, or no frames (the last possibly
-            while iterating, when the header promised frames that do not decode).
+        MediaError: as :func:`plan_video`, or while iterating when no sampled frame decodes.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    name, open_container = _opener(src)
-    try:
-        num_frames, native_fps = _probe(open_container, name, fps)
-    except av.FFmpegError as exc:
-        raise MediaError(f"cannot read video {name}: {exc}") from exc
-    if num_frames == 0:
-        raise MediaError(f"video has no frames: {name}")
-    targets = sample_frame_indices(num_frames, native_fps, fps, max_frames)
-    return _decode_chunks(open_container, name, targets, native_fps, chunk_size, progress)
+    plan = plan_video(src, fps=fps, max_frames=max_frames, sampling=sampling, max_pixels=max_pixels)
+    return plan.chunks(chunk_size, progress)
 
 
-def count_sampled_frames(src: VideoFileSource, *, fps: float = 1.0, max_frames: int | None = 16) -> int:
+def count_sampled_frames(
+    src: VideoFileSource, *, fps: float = 1.0, max_frames: int | None = 16, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> int:
     """How many frames :func:`iter_video_chunks` keeps from ``src`` with these settings (reads the
-    header, no decoding), e.g. to size a prompt and preallocate before decoding starts.
+    packet index, no decoding); use :func:`plan_video` to also decode without indexing twice.
 
     Raises:
-        MediaError: missing or unreadable file, or no video stream.
+        MediaError: as :func:`plan_video`.
     """
-    name, open_container = _opener(src)
-    try:
-        num_frames, native_fps = _probe(open_container, name, fps)
-    except av.FFmpegError as exc:
-        raise MediaError(f"cannot read video {name}: {exc}") from exc
-    return len(sample_frame_indices(num_frames, native_fps, fps, max_frames))
+    return len(plan_video(src, fps=fps, max_frames=max_frames, max_pixels=max_pixels))
 
 
-def _decode_chunks(
-    open_container: Callable[[], av.container.InputContainer],
-    name: str,
-    targets: list[int],
-    native_fps: float,
-    chunk_size: int,
-    progress: bool | None,
-) -> Iterator[VideoClip]:
-    """Decode frames in order up to the last target, converting and keeping only those in ``targets`` (sorted)."""
+def _scan_frames(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, targets: list[int]
+) -> Iterator[tuple[int, av.VideoFrame]]:
+    """One decoding pass from the start: ``(position in targets, frame)`` for the frame numbers in
+    ``targets`` (sorted)."""
     kept = 0
+    for number, frame in enumerate(container.decode(stream)):
+        if number == targets[kept]:
+            yield kept, frame
+            kept += 1
+            if kept == len(targets):
+                return
+
+
+def _decode_from(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, index: FrameIndex, interval: int, pts: int
+) -> Iterator[av.VideoFrame]:
+    """Frames (with timestamps) decoded after seeking to keyframe number ``interval`` of the index
+    (-1: the first frame). A seek that lands after ``pts`` or at the end of the stream (a demuxer
+    that seeks by decoding timestamps, a file without an index) is retried from the keyframe before."""
+    while True:
+        seek_to = index.keyframe_pts[interval] if interval >= 0 else index.pts[0]
+        container.seek(seek_to, stream=stream, backward=True, any_frame=False)
+        frames = (frame for frame in container.decode(stream) if frame.pts is not None)
+        first = next(frames, None)
+        if first is not None and first.pts <= pts:
+            return itertools.chain([first], frames)
+        if interval < 0:
+            return iter(())
+        interval -= 1
+
+
+def _seek_frames(
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    index: FrameIndex,
+    wanted: list[int],
+) -> Iterator[tuple[int, av.VideoFrame]]:
+    """``(position in wanted, frame)`` for each presentation timestamp in ``wanted`` (sorted): seek to
+    the keyframe at or before it and decode forward to it. A target in a keyframe interval the decoder
+    is already in (or past the start of) is reached by decoding on, without seeking. A target the
+    decoder never outputs (a corrupt or cut-off packet) is skipped, as a one-pass decode would."""
+    frames: Iterator[av.VideoFrame] | None = None
+    current = -2  # keyframe interval ``frames`` started in
+    pending: av.VideoFrame | None = None  # decoded past a missing target; may be the next one
+    for position, pts in enumerate(wanted):
+        interval = index.keyframe_before(pts)
+        behind = pending is None or (interval >= 0 and pending.pts < index.keyframe_pts[interval])
+        if frames is None or (behind and interval != current):
+            frames, current, pending = _decode_from(container, stream, index, interval, pts), interval, None
+        frame = pending if pending is not None and pending.pts >= pts else None
+        if frame is None:
+            frame = next((f for f in frames if f.pts >= pts), None)
+        pending = frame
+        if frame is None:
+            frames = None
+        elif frame.pts == pts:
+            yield position, frame
+
+
+def _keyframe_frames(
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    index: FrameIndex,
+    wanted: list[int],
+) -> Iterator[tuple[int, av.VideoFrame]]:
+    """``(position in wanted, frame)`` with the keyframe nearest to each presentation timestamp in
+    ``wanted`` (sorted). Targets sharing a nearest keyframe get the same frame."""
+    stream.codec_context.skip_frame = "NONKEY"
+    taken: av.VideoFrame | None = None
+    for position, pts in enumerate(wanted):
+        keyframe = index.nearest_keyframe(pts)
+        if taken is None or taken.pts != keyframe:
+            taken = _decode_keyframe(container, stream, index, keyframe)
+        if taken is not None and taken.pts == keyframe:
+            yield position, taken
+
+
+def _decode_keyframe(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, index: FrameIndex, keyframe: int
+) -> av.VideoFrame | None:
+    """The frame of the keyframe with presentation timestamp ``keyframe``: seek there, decode its packet
+    alone and drain the decoder (no reordering delay, nothing after it decoded). When the seek does
+    not reach that packet, decode forward from the keyframe before (non-key frames skipped)."""
+    codec = stream.codec_context
+    container.seek(keyframe, stream=stream, backward=True, any_frame=False)
+    for packet in container.demux(stream):
+        if packet.pts is None or not packet.size:
+            continue
+        if packet.pts == keyframe and packet.is_keyframe:
+            frames = [*codec.decode(packet), *codec.decode(None)]
+            codec.flush_buffers()
+            frame = next((frame for frame in frames if frame.pts == keyframe), None)
+            if frame is not None:
+                frame.time_base = stream.time_base
+            return frame
+        if packet.is_keyframe and packet.pts > keyframe:
+            break
+    frames = _decode_from(container, stream, index, bisect.bisect_left(index.keyframe_pts, keyframe), keyframe)
+    return next((frame for frame in frames if frame.pts >= keyframe), None)
+
+
+def _decode_chunks(plan: VideoPlan, chunk_size: int, progress: bool | None) -> Iterator[VideoClip]:
+    """Decode ``plan``'s frames the way its ``sampling`` says and yield them converted, in chunks."""
+    kept = 0
+    probe = plan.probe
     try:
-        with open_container() as container, tqdm(
-            total=targets[-1] + 1,
-            desc=f"decoding {Path(name).name}",
+        with plan.open_container() as container, tqdm(
+            total=len(plan.targets),
+            desc=f"decoding {Path(plan.name).name}",
             unit="frame",
             disable=None if progress is None else not progress,
             delay=1.0 if progress is None else 0.0,
         ) as bar:
-            stream = _video_stream(container, name)
+            stream = _video_stream(container, plan.name)
             stream.thread_type = "AUTO"
             start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+            if probe.index is None or plan.sampling == "scan":
+                frames = _scan_frames(container, stream, plan.targets)
+            else:
+                wanted = [probe.index.pts[t] for t in plan.targets]
+                pick = _seek_frames if plan.sampling == "exact" else _keyframe_frames
+                frames = pick(container, stream, probe.index, wanted)
             chunk = VideoClip([], [])
-            for index, frame in enumerate(container.decode(stream)):
+            for position, frame in frames:
                 bar.update(1)
-                if index != targets[kept]:
-                    continue
-                chunk.frames.append(frame.to_image())
-                chunk.timestamps.append(frame.time - start if frame.time is not None else index / native_fps)
+                # Pixel-equal to frame.to_image(), in half the time (one copy fewer).
+                chunk.frames.append(Image.fromarray(frame.to_ndarray(format="rgb24")))
+                time = frame.time - start if frame.time is not None else plan.targets[position] / probe.native_fps
+                chunk.timestamps.append(time)
                 kept += 1
                 if len(chunk) == chunk_size:
                     yield chunk
                     chunk = VideoClip([], [])
-                if kept == len(targets):
-                    break
             if chunk.frames:
                 yield chunk
     except av.FFmpegError as exc:
-        raise MediaError(f"cannot read video {name}: {exc}") from exc
+        raise MediaError(f"cannot read video {plan.name}: {exc}") from exc
     if kept == 0:
-        raise MediaError(f"video has no decodable frames: {name}")
+        raise MediaError(f"video has no decodable frames: {plan.name}")
 
 
 def load_video(
@@ -201,6 +423,8 @@ def load_video(
     max_frames: int | None | Literal["default"] = "default",
     frame_rate: float | None = None,
     progress: bool | None = None,
+    sampling: Sampling = DEFAULT_SAMPLING,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> VideoClip:
     """Load the sampled frames of a video.
 
@@ -212,6 +436,8 @@ def load_video(
         frame_rate: for a frame list, the rate it was recorded at; None means the list is already
             sampled at ``fps`` (only the ``max_frames`` cap applies). Ignored for files.
         progress: decoding progress bar, see :func:`iter_video_chunks`.
+        sampling: how frames of a file are reached, see :data:`Sampling`.
+        max_pixels: largest accepted frame ``width * height`` of a file, checked from its header.
 
     Returns:
         A :class:`VideoClip`; frame list timestamps are ``index / frame_rate``.
@@ -220,7 +446,10 @@ def load_video(
         if max_frames == "default":
             max_frames = FILE_MAX_FRAMES
         clip = VideoClip([], [])
-        for chunk in iter_video_chunks(src, chunk_size=64, fps=fps, max_frames=max_frames, progress=progress):
+        chunks = iter_video_chunks(
+            src, 64, fps=fps, max_frames=max_frames, progress=progress, sampling=sampling, max_pixels=max_pixels
+        )
+        for chunk in chunks:
             clip.frames.extend(chunk.frames)
             clip.timestamps.extend(chunk.timestamps)
         return clip

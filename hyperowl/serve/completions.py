@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from hyperowl.config import GenerationConfig
 from hyperowl.engine.sampling import SamplingParams
 from hyperowl.processing.processor import Owl3Batch, Owl3Processor
+from hyperowl.processing.video import DEFAULT_SAMPLING, Sampling
 from hyperowl.serve.errors import ApiError, limit_error
 from hyperowl.serve.media import (
     DecodeGate,
@@ -34,6 +35,7 @@ class MediaPart:
     kind: str
     url: str
     max_frames: int
+    sampling: Sampling = DEFAULT_SAMPLING
 
 
 def check_text(messages: list[ChatMessage], settings: ServerSettings) -> None:
@@ -85,7 +87,7 @@ def convert_messages(messages: list[ChatMessage], settings: ServerSettings) -> t
                 if frames > settings.max_frames:
                     raise limit_error(f"video max_frames {frames} is more than {settings.max_frames}", "max_frames", "messages")
                 parts.append({"type": "video"})
-                media.append(MediaPart("video", part.video_url.url, frames))
+                media.append(MediaPart("video", part.video_url.url, frames, part.video_url.sampling))
         converted.append({"role": role, "content": parts})
     images = sum(m.kind == "image" for m in media)
     if images > settings.max_images:
@@ -121,7 +123,7 @@ def process(
         if part.kind == "image":
             images.append(load_checked_image(source, len(images), settings))
             continue
-        clip = load_checked_video(source, len(videos), processor.video_fps, part.max_frames, settings)
+        clip = load_checked_video(source, len(videos), processor.video_fps, part.max_frames, settings, part.sampling)
         frames += len(clip)
         if frames > settings.max_frames:
             raise limit_error(f"the videos have more than {settings.max_frames} frames in all", "max_frames", "messages")

@@ -30,7 +30,7 @@ from PIL import Image
 
 from hyperowl.errors import MediaError
 from hyperowl.processing.image import load_image
-from hyperowl.processing.video import VideoClip, load_video
+from hyperowl.processing.video import DEFAULT_SAMPLING, Sampling, VideoClip, load_video
 from hyperowl.serve.errors import ApiError, limit_error
 from hyperowl.serve.settings import ServerSettings
 
@@ -216,8 +216,16 @@ def load_checked_image(source: MediaSource, index: int, settings: ServerSettings
     return load_image(source, settings.max_image_pixels)
 
 
-def load_checked_video(source: MediaSource, index: int, fps: float, max_frames: int, settings: ServerSettings) -> VideoClip:
-    """Decode up to `max_frames` sampled frames of video number `index` after checking its frame size."""
+def load_checked_video(
+    source: MediaSource,
+    index: int,
+    fps: float,
+    max_frames: int,
+    settings: ServerSettings,
+    sampling: Sampling = DEFAULT_SAMPLING,
+) -> VideoClip:
+    """Decode up to `max_frames` sampled frames of video number `index` (reached as `sampling` says)
+    after checking its frame size."""
     width, height = video_frame_size(source, index)
     if width * height > settings.max_image_pixels:
         raise limit_error(
@@ -225,4 +233,4 @@ def load_checked_video(source: MediaSource, index: int, fps: float, max_frames: 
             "max_image_pixels",
             "messages",
         )
-    return load_video(source, fps=fps, max_frames=max_frames)
+    return load_video(source, fps=fps, max_frames=max_frames, sampling=sampling)

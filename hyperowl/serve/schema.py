@@ -3,7 +3,8 @@
 Unknown fields are ignored, as OpenAI-compatible servers usually do; known OpenAI features that change
 the answer and that hyperowl does not have (tools, JSON mode, presence/frequency penalties) are refused
 by name instead (`unsupported_features`). Extensions: a `video_url` content part
-(`{"url", "max_frames"}`), `top_k` and `repetition_penalty` (as vLLM names them) and `ignore_eos` (keep
+(`{"url", "max_frames", "sampling"}`; `sampling` is `"exact"`, the default: the sampled frames
+themselves, or `"keyframe"`: the keyframe nearest to each, much faster on long files), `top_k` and `repetition_penalty` (as vLLM names them) and `ignore_eos` (keep
 generating past the stop tokens, for benchmarks).
 """
 
@@ -14,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from hyperowl.engine.sampling import REPETITION_PENALTY_RANGE, SEED_RANGE
+from hyperowl.processing.video import DEFAULT_SAMPLING
 
 
 class _Lenient(BaseModel):
@@ -38,6 +40,7 @@ class ImageUrlPart(_Lenient):
 class VideoUrl(_Lenient):
     url: str
     max_frames: int | None = Field(default=None, ge=1)
+    sampling: Literal["exact", "keyframe"] = DEFAULT_SAMPLING
 
 
 class VideoUrlPart(_Lenient):
