@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,41 @@ def pooled_first_token(llava: Any, frames: torch.Tensor) -> float:
     return seconds
 
 
+def baseline_rows(
+    rows: dict[int, dict[str, Any]],
+    key: str,
+    counts: list[int],
+    measure_one: Callable[[int, torch.Tensor], tuple[float, int | None]],
+    preset: Preset,
+    device: torch.device,
+) -> None:
+    """Time a baseline at each frame count of `counts` (`measure_one(n, frames)` -> seconds, peak bytes or
+    None) into `rows[n]` as `{key}_s` / `{key}_peak`; once it is over the memory budget or the time limit,
+    or out of memory, the larger counts are marked `{key}_skipped` with the reason."""
+    stopped = None
+    for n in counts:
+        if stopped:
+            rows[n][f"{key}_skipped"] = stopped
+            continue
+        frames = random_frames(n, preset.config.vision_config.image_size, preset.dtype, device)
+        try:
+            seconds, peak = measure_one(n, frames)
+            rows[n][f"{key}_s"] = seconds
+            if peak is not None:
+                rows[n][f"{key}_peak"] = peak
+            print(f"{key:8s} {n:5d} frames: {seconds:8.3f} s" + (f"  peak {peak / MIB:9.1f} MiB" if peak else ""), flush=True)
+            if peak is not None and peak > preset.memory_budget:
+                stopped = f"over the {preset.memory_budget / MIB:.0f} MiB budget at {n} frames"
+            elif seconds > preset.baseline_time_limit_s:
+                stopped = f"over {preset.baseline_time_limit_s:.0f} s at {n} frames"
+        except torch.cuda.OutOfMemoryError:
+            rows[n][f"{key}_error"] = "CUDA out of memory"
+            stopped = f"out of memory at {n} frames"
+            torch.cuda.empty_cache()
+        finally:
+            del frames
+
+
 def run(preset: Preset, device: torch.device, max_frames: int | None, skip_baseline: bool) -> dict[str, Any]:
     torch.set_grad_enabled(False)
     model = random_owl3(preset.config, preset.dtype, device)
@@ -131,49 +167,17 @@ def run(preset: Preset, device: torch.device, max_frames: int | None, skip_basel
         finally:
             del frames
         print(f"hyperowl  {n:5d} frames: {seconds:8.3f} s  peak {rows[n].get('owl_peak', 0) / MIB:9.1f} MiB", flush=True)
-    stopped = None
-    for n in base_list if llava is not None else []:
-        if stopped:
-            rows[n]["llava_skipped"] = stopped
-            continue
-        frames = random_frames(n, size, preset.dtype, device)
-        try:
+    if llava is not None:
+
+        def full(n: int, frames: torch.Tensor) -> tuple[float, int | None]:
             seconds, peak = llava_first_token(llava, n, frames, p, track=False)
-            if cpu:
-                peak = llava_first_token(llava, n, frames, p, track=True)[1]
-            rows[n].update(llava_s=seconds, llava_peak=peak)
-            print(f"baseline  {n:5d} frames: {seconds:8.3f} s  peak {peak / MIB:9.1f} MiB", flush=True)
-            if peak > preset.memory_budget:
-                stopped = f"over the {preset.memory_budget / MIB:.0f} MiB budget at {n} frames"
-            elif seconds > preset.baseline_time_limit_s:
-                stopped = f"over {preset.baseline_time_limit_s:.0f} s at {n} frames"
-        except torch.cuda.OutOfMemoryError:
-            rows[n]["llava_error"] = "CUDA out of memory"
-            stopped = f"out of memory at {n} frames"
-            torch.cuda.empty_cache()
-        finally:
-            del frames
-    # the pooled design has 3.7x fewer tokens per frame: it is measured up to 4x the baseline's frames
-    widest = max(base_list, default=0)
-    pooled_list = base_list + [m for m in frames_list if widest < m <= 4 * widest] if llava is not None else []
-    stopped = None
-    for n in pooled_list:
-        if stopped:
-            rows[n]["pooled_skipped"] = stopped
-            continue
-        frames = random_frames(n, size, preset.dtype, device)
-        try:
-            seconds = pooled_first_token(llava, frames)
-            rows[n]["pooled_s"] = seconds
-            print(f"pooled    {n:5d} frames: {seconds:8.3f} s", flush=True)
-            if seconds > preset.baseline_time_limit_s:
-                stopped = f"over {preset.baseline_time_limit_s:.0f} s at {n} frames"
-        except torch.cuda.OutOfMemoryError:
-            rows[n]["pooled_error"] = "CUDA out of memory"
-            stopped = f"out of memory at {n} frames"
-            torch.cuda.empty_cache()
-        finally:
-            del frames
+            return seconds, llava_first_token(llava, n, frames, p, track=True)[1] if cpu else peak
+
+        baseline_rows(rows, "llava", base_list, full, preset, device)
+        # the pooled design has 3.7x fewer tokens per frame: it is measured up to 4x the baseline's frames
+        widest = max(base_list, default=0)
+        pooled_list = base_list + [m for m in frames_list if widest < m <= 4 * widest]
+        baseline_rows(rows, "pooled", pooled_list, lambda n, frames: (pooled_first_token(llava, frames), None), preset, device)
     decode = {}
     n_dec = preset.decode_frames if max_frames is None else min(preset.decode_frames, max_frames)
     for recompute in (False, True):
