@@ -32,3 +32,12 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
             pass
         time.sleep(0.2)
     raise TimeoutError(f"server at {url} did not start within {timeout} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a server process: terminate, then kill if it has not exited within 20 s."""
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()

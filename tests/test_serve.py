@@ -38,7 +38,7 @@ from hyperowl.serve.media import fetch_remote
 from hyperowl.serve.scheduler import Job, Row
 from hyperowl.serve.settings import ServerSettings
 from tests.media import block_image, png_header, write_video
-from tests.server import free_port, wait_ready
+from tests.server import free_port, stop, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 #: Seconds a test client waits for an answer: far above any request of these tests (tiny model, short
@@ -155,11 +155,7 @@ def server(tiny_checkpoint: Path, media_dir: Path) -> Iterator[str]:
         wait_ready(url, proc)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from hyperowl.serve.media import DecodeGate
 from hyperowl.serve.metrics import ServerMetrics
 from hyperowl.serve.scheduler import Failed, Finished, Job, Scheduler, StopStrings
 from hyperowl.serve.settings import ServerSettings
-from tests.server import free_port, wait_ready
+from tests.server import free_port, stop, wait_ready
 from tests.test_serve import data_uri, image_part, picture, png_bytes, thread_server, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,11 +65,7 @@ def start_server(tiny_checkpoint: Path) -> Iterator[Any]:
 
     yield start
     for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 @pytest.fixture(scope="module")
