@@ -440,6 +440,17 @@ def test_frame_list_keeps_every_frame_unless_capped(tokenizer, mp4):
     assert [len(t) for t in capped.frame_timestamps[0]] == [4, 4]
 
 
+def test_frames_resized_as_decoded_give_the_processors_pixels(processor, mp4):
+    """`frame_size` resizes each frame while the file is decoded: the clip holds model-sized frames only,
+    and their pixels are those the processor gets by resizing full-size frames later."""
+    full = load_video(mp4, max_frames=4, progress=False)
+    small = load_video(mp4, max_frames=4, progress=False, frame_size=CELL)
+    assert all(f.size == (CELL, CELL) for f in small.frames) and small.timestamps == full.timestamps
+    torch.testing.assert_close(image_to_tensor(small.frames, CELL), image_to_tensor(full.frames, CELL), atol=0, rtol=0)
+    batch = processor([{"role": "user", "content": "<|video|>"}], videos=[mp4], max_frames=4)
+    torch.testing.assert_close(batch.pixel_values, image_to_tensor(full.frames, CELL), atol=0, rtol=0)
+
+
 def test_processor_video(processor, mp4):
     messages = [{"role": "user", "content": "<|video|>What happens?"}]
     batch = processor(messages, videos=[mp4], max_frames=4)

@@ -69,6 +69,7 @@ class ChatSession:
                 progress=self.progress,
                 sampling=self.video_sampling,
                 max_pixels=self.processor.max_pixels,
+                frame_size=self.processor.image_size,
             )
             if isinstance(v, (str, Path))
             else v

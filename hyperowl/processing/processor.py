@@ -303,7 +303,7 @@ class Owl3Processor:
             else:
                 is_file = isinstance(video, (str, Path, bytes, bytearray))
                 cap = self.max_frames if max_frames is None and is_file else max_frames
-                clip = load_video(video, fps=fps, max_frames=cap)
+                clip = load_video(video, fps=fps, max_frames=cap, frame_size=self.image_size)
             views.extend(clip.frames)
             timestamps.append(list(clip.timestamps))
             if self.prompt_format == "241101":

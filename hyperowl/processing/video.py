@@ -193,16 +193,18 @@ class VideoPlan:
     def __len__(self) -> int:
         return len(self.targets)
 
-    def chunks(self, chunk_size: int = 16, progress: bool | None = None) -> Iterator[VideoClip]:
+    def chunks(self, chunk_size: int = 16, progress: bool | None = None, frame_size: int | None = None) -> Iterator[VideoClip]:
         """Decode the sampled frames and yield them in :class:`VideoClip` chunks of at most
-        ``chunk_size`` RGB frames, in time order.
+        ``chunk_size`` RGB frames, in time order. With ``frame_size`` each frame is resized (bicubic) to
+        ``frame_size x frame_size`` as soon as it is decoded, as :func:`image_to_tensor` would resize it
+        later (the same pixels), so a clip holds model-sized frames instead of full-resolution ones.
 
         Raises:
             MediaError: the file stops decoding (e.g. truncated) before any sampled frame.
         """
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        return _decode_chunks(self, chunk_size, progress)
+        return _decode_chunks(self, chunk_size, progress, frame_size)
 
 
 def plan_video(
@@ -247,19 +249,20 @@ def iter_video_chunks(
     progress: bool | None = None,
     sampling: Sampling = DEFAULT_SAMPLING,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    frame_size: int | None = None,
 ) -> Iterator[VideoClip]:
     """Decode the sampled frames of a video file and yield them in chunks, never all in memory.
 
     The file is opened and indexed at call time (so a missing or unreadable file raises here);
     decoding happens while the returned iterator is consumed. Arguments as in :func:`plan_video`;
     ``chunk_size`` frames per yielded clip (the last may be shorter); ``progress`` shows a tqdm bar
-    (None: only on a terminal and after 1 s).
+    (None: only on a terminal and after 1 s); ``frame_size`` as in :meth:`VideoPlan.chunks`.
 
     Raises:
         MediaError: as :func:`plan_video`, or while iterating when no sampled frame decodes.
     """
     plan = plan_video(src, fps=fps, max_frames=max_frames, sampling=sampling, max_pixels=max_pixels)
-    return plan.chunks(chunk_size, progress)
+    return plan.chunks(chunk_size, progress, frame_size)
 
 
 def count_sampled_frames(
@@ -376,7 +379,7 @@ def _decode_keyframe(
     return next((frame for frame in frames if frame.pts >= keyframe), None)
 
 
-def _decode_chunks(plan: VideoPlan, chunk_size: int, progress: bool | None) -> Iterator[VideoClip]:
+def _decode_chunks(plan: VideoPlan, chunk_size: int, progress: bool | None, frame_size: int | None) -> Iterator[VideoClip]:
     """Decode ``plan``'s frames the way its ``sampling`` says and yield them converted, in chunks."""
     kept = 0
     probe = plan.probe
@@ -401,7 +404,10 @@ def _decode_chunks(plan: VideoPlan, chunk_size: int, progress: bool | None) -> I
             for position, frame in frames:
                 bar.update(1)
                 # Pixel-equal to frame.to_image(), in half the time (one copy fewer).
-                chunk.frames.append(Image.fromarray(frame.to_ndarray(format="rgb24")))
+                image = Image.fromarray(frame.to_ndarray(format="rgb24"))
+                if frame_size is not None and image.size != (frame_size, frame_size):
+                    image = image.resize((frame_size, frame_size), Image.Resampling.BICUBIC)
+                chunk.frames.append(image)
                 time = frame.time - start if frame.time is not None else plan.targets[position] / probe.native_fps
                 chunk.timestamps.append(time)
                 kept += 1
@@ -425,6 +431,7 @@ def load_video(
     progress: bool | None = None,
     sampling: Sampling = DEFAULT_SAMPLING,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    frame_size: int | None = None,
 ) -> VideoClip:
     """Load the sampled frames of a video.
 
@@ -438,6 +445,8 @@ def load_video(
         progress: decoding progress bar, see :func:`iter_video_chunks`.
         sampling: how frames of a file are reached, see :data:`Sampling`.
         max_pixels: largest accepted frame ``width * height`` of a file, checked from its header.
+        frame_size: resize the frames of a file to ``frame_size x frame_size`` as they are decoded (what
+            the processor feeds the vision tower), so the clip never holds full-resolution frames.
 
     Returns:
         A :class:`VideoClip`; frame list timestamps are ``index / frame_rate``.
@@ -447,7 +456,7 @@ def load_video(
             max_frames = FILE_MAX_FRAMES
         clip = VideoClip([], [])
         chunks = iter_video_chunks(
-            src, 64, fps=fps, max_frames=max_frames, progress=progress, sampling=sampling, max_pixels=max_pixels
+            src, 64, fps=fps, max_frames=max_frames, progress=progress, sampling=sampling, max_pixels=max_pixels, frame_size=frame_size
         )
         for chunk in chunks:
             clip.frames.extend(chunk.frames)

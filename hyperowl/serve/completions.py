@@ -123,7 +123,7 @@ def process(
         if part.kind == "image":
             images.append(load_checked_image(source, len(images), settings))
             continue
-        clip = load_checked_video(source, len(videos), processor.video_fps, part.max_frames, settings, part.sampling)
+        clip = load_checked_video(source, len(videos), processor.video_fps, part.max_frames, settings, part.sampling, processor.image_size)
         frames += len(clip)
         if frames > settings.max_frames:
             raise limit_error(f"the videos have more than {settings.max_frames} frames in all", "max_frames", "messages")

@@ -223,9 +223,11 @@ def load_checked_video(
     max_frames: int,
     settings: ServerSettings,
     sampling: Sampling = DEFAULT_SAMPLING,
+    frame_size: int | None = None,
 ) -> VideoClip:
     """Decode up to `max_frames` sampled frames of video number `index` (reached as `sampling` says)
-    after checking its frame size."""
+    after checking its frame size; with `frame_size` they are resized to the model's input size as they
+    are decoded (see `load_video`)."""
     width, height = video_frame_size(source, index)
     if width * height > settings.max_image_pixels:
         raise limit_error(
@@ -233,4 +235,4 @@ def load_checked_video(
             "max_image_pixels",
             "messages",
         )
-    return load_video(source, fps=fps, max_frames=max_frames, sampling=sampling)
+    return load_video(source, fps=fps, max_frames=max_frames, sampling=sampling, frame_size=frame_size)
