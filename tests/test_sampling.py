@@ -11,7 +11,14 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from hyperowl.engine.sampling import SamplingParams, row_distribution, sample_row
+from hyperowl.engine.sampling import (
+    SamplingParams,
+    next_token_distribution,
+    pick_tokens,
+    row_distribution,
+    sample_row,
+    seen_mask,
+)
 
 VOCAB = 200
 
@@ -99,3 +106,20 @@ def test_tiny_temperatures_stay_finite_and_pick_the_top_token(temperature: float
 def test_values_outside_the_documented_ranges_are_refused(field: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(field))):
         SamplingParams(do_sample=True, **field)
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p", "penalty"), CASES)
+def test_the_batched_distribution_equals_each_rows(temperature: float, top_k: int, top_p: float, penalty: float) -> None:
+    """`next_token_distribution` over a batch (what `generate` uses on the device) equals `row_distribution`
+    of each row with its own penalised tokens."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, VOCAB, generator=g) * 3
+    seen_ids = [torch.randint(0, VOCAB, (n,), generator=g) for n in (0, 1, 7, 30)]
+    params = SamplingParams(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty)
+    mask = torch.stack([seen_mask(ids, VOCAB) for ids in seen_ids])
+    batched = next_token_distribution(logits, params, mask)
+    for row, ids in enumerate(seen_ids):
+        torch.testing.assert_close(batched[row], row_distribution(logits[row], params, ids), atol=1e-12, rtol=0)
+    greedy = SamplingParams(repetition_penalty=penalty)
+    picked = pick_tokens(logits, greedy, mask, None)
+    assert picked.tolist() == [sample_row(logits[row], greedy, ids, None) for row, ids in enumerate(seen_ids)]

@@ -15,7 +15,7 @@ import torch
 
 from hyperowl.config import GenerationConfig
 from hyperowl.engine.memory import plan_visual_memory
-from hyperowl.engine.sampling import SamplingParams, sample_row
+from hyperowl.engine.sampling import SamplingParams, pick_tokens
 from hyperowl.model.cache import TextKVCache, VisualKV
 from hyperowl.model.owl3 import Owl3Model, PixelStream
 
@@ -120,7 +120,7 @@ def stream_tokens(
     (a dict) receives `cache`, `visual`, `first_token_s` so callers can keep them for the next turn.
     A row's stop token is yielded; afterwards the row repeats it (and is ignored by callers).
     Decode steps replay a CUDA graph (`DecodeStep`) when `cuda_graph` is true (None: on a GPU);
-    greedy decoding without a repetition penalty never waits for the GPU but once per step.
+    tokens are picked on the device (`pick_tokens`), so a step waits for the GPU once, for the stop check.
     """
     params = params or SamplingParams()
     device = model.device
@@ -135,18 +135,16 @@ def stream_tokens(
     )
     state.update(cache=cache, visual=visual)
     generator = params.generator(device)
-    history = [input_ids[b][attention_mask[b].bool()] for b in range(batch)]
-    on_device = params.greedy and params.repetition_penalty == 1.0
+    seen = None
+    if params.repetition_penalty != 1.0:  # the prompt's tokens, then every answer token (as transformers does)
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        for b in range(batch):
+            seen[b, input_ids[b][attention_mask[b].bool()]] = True
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     last = torch.zeros(batch, dtype=torch.long, device=device)
     step_fn = DecodeStep(model, cache, visual, graph=device.type == "cuda" if cuda_graph is None else cuda_graph)
     for step in range(params.max_new_tokens):
-        if on_device:
-            chosen = logits.argmax(-1)
-        else:
-            picked = [sample_row(logits[b], params, history[b], generator) for b in range(batch)]
-            chosen = torch.tensor(picked, dtype=torch.long, device=device)
-        token = torch.where(finished, last, chosen)
+        token = torch.where(finished, last, pick_tokens(logits, params, seen, generator))
         if step == 0:
             state["first_token_s"] = time.perf_counter() - start
         yield token
@@ -154,8 +152,8 @@ def stream_tokens(
         finished |= torch.isin(token, stops)
         if bool(finished.all()) or step == params.max_new_tokens - 1:  # the one read-back of the step
             break
-        if params.repetition_penalty != 1.0:
-            history = [torch.cat([h, token[b : b + 1]]) for b, h in enumerate(history)]
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
         logits = step_fn(token)
 
 

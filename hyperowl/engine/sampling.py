@@ -51,40 +51,62 @@ class SamplingParams:
         return torch.Generator(device=device).manual_seed(self.seed)
 
 
+def seen_mask(ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """`[vocab]` bool mask of the token ids in `ids` `[n]` (the tokens a repetition penalty applies to)."""
+    mask = torch.zeros(vocab, dtype=torch.bool, device=ids.device)
+    mask[ids] = True
+    return mask
+
+
 def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style penalty on the tokens in `seen` `[n]`: positive logits divided, negative multiplied."""
-    picked = logits[seen]
-    logits = logits.clone()
-    logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits
+    """CTRL-style penalty on the tokens marked in `seen` (a bool mask shaped like `logits` `[..., vocab]`):
+    positive logits divided, negative multiplied."""
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
-def row_distribution(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
-    """The float64 probabilities `[vocab]` one sampled step draws from: repetition penalty over `seen` `[n]`,
-    temperature, top-k, then top-p (the order transformers applies them in).
+def next_token_distribution(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
+    """The float64 probabilities `[..., vocab]` one sampled step draws from, row by row: repetition penalty
+    over the tokens marked in `seen` (bool, shaped like `logits`), temperature, top-k, then top-p (the
+    order transformers applies them in). Every row is processed at once, on the logits' device.
 
     The logits are shifted so their maximum is 0 before dividing by the temperature, in float64, so any
     positive temperature (down to the smallest float) and any accepted penalty give finite probabilities.
     """
     logits = logits.double()
-    if params.repetition_penalty != 1.0 and seen is not None and seen.numel():
+    if params.repetition_penalty != 1.0 and seen is not None:
         logits = penalize_repeats(logits, seen, params.repetition_penalty)
-    logits = (logits - logits.max()) / params.temperature
+    logits = (logits - logits.max(-1, keepdim=True).values) / params.temperature
     if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > params.top_p
-        logits[order[drop]] = float("-inf")
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return logits.softmax(-1)
+
+
+def pick_tokens(
+    logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """The next token `[B]` of every row of `logits` `[B, vocab]` (greedy or sampled as `params` say; `seen`
+    `[B, vocab]` marks the tokens the repetition penalty applies to), computed on the logits' device without
+    reading anything back to the host."""
+    if params.greedy:
+        if params.repetition_penalty != 1.0 and seen is not None:
+            logits = penalize_repeats(logits.double(), seen, params.repetition_penalty)
+        return logits.argmax(-1)
+    return torch.multinomial(next_token_distribution(logits, params, seen), 1, generator=generator)[:, 0]
+
+
+def row_distribution(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
+    """`next_token_distribution` of one row `[vocab]` whose penalised tokens are the ids `seen` `[n]`."""
+    mask = None if seen is None else seen_mask(seen.to(logits.device), logits.shape[-1])
+    return next_token_distribution(logits, params, mask)
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None, generator: torch.Generator | None) -> int:
     """Pick the next token from one row's `logits` `[vocab]`; `seen` `[n]` are the ids the penalty applies to."""
-    if params.greedy:
-        if params.repetition_penalty != 1.0 and seen is not None and seen.numel():
-            logits = penalize_repeats(logits.double(), seen, params.repetition_penalty)
-        return int(logits.argmax())
-    return int(torch.multinomial(row_distribution(logits, params, seen), 1, generator=generator))
+    mask = None if seen is None else seen_mask(seen.to(logits.device), logits.shape[-1])[None]
+    return int(pick_tokens(logits[None], params, mask, generator)[0])
