@@ -254,3 +254,27 @@ def test_synthetic_rag_task_answers_with_the_matching_description_and_its_number
         assert len({n[: len(s)] for n in names for s in NAME_STARTS if n.startswith(s)}) == len(names)
         name = description.split(" is a ")[1].split(",")[0]
         assert len(tokenizer.encode(" " + name)) == 2
+
+
+def test_a_large_index_searches_through_an_ivf_index_with_the_same_results(tmp_path, tiny, monkeypatch):
+    import hyperowl.rag.index as rag_index
+
+    _, _, embedder = tiny
+    rows = []
+    (tmp_path / "pics").mkdir()
+    for i in range(300):
+        picture(i).save(tmp_path / "pics" / f"{i}.png")
+        rows.append({"id": f"item{i}", "image": f"pics/{i}.png", "text": f"thing {i}"})
+    rows.append({"id": "words", "text": "a text-only item"})
+    kb = write_kb(tmp_path, lines=rows)
+    build_index(kb, tmp_path / "flat", embedder, "tiny", progress=False)
+    monkeypatch.setattr(rag_index, "ANN_MIN_ROWS", 300)
+    build_index(kb, tmp_path / "ivf", embedder, "tiny", progress=False)
+    flat, ivf = RagIndex(tmp_path / "flat", embedder, "tiny"), RagIndex(tmp_path / "ivf", embedder, "tiny")
+    assert [i.index_type for i in ivf.table.list_indices() if i.columns == ["vector"]] == ["IvfFlat"]
+    assert not [i for i in flat.table.list_indices() if i.columns == ["vector"]]
+    for i in range(0, 300, 37):
+        near = [r.similarity for r in ivf.search(image=picture(i), k=4)]
+        assert near == pytest.approx([r.similarity for r in flat.search(image=picture(i), k=4)], abs=1e-5)
+        assert near[0] == pytest.approx(1.0, abs=1e-5)
+    assert ivf.search(text="text-only", k=1)[0].id == "words"

@@ -26,6 +26,11 @@ from hyperowl.rag.kb import KBItem, read_kb
 INDEX_FORMAT = 1
 MANIFEST = "index.json"
 TABLE = "items"
+#: From this many items with a picture on, the vectors get an IVF index (cosine, full vectors in each
+#: partition) and a search scans `NPROBES` partitions instead of every row: at 100,000 items on a busy
+#: 2-core machine a full scan took 84-144 ms, the IVF search 14 ms, with the same top 20.
+ANN_MIN_ROWS = 20_000
+NPROBES = 20
 #: Reciprocal-rank-fusion constant (Cormack et al. 2009): an item at rank r of one list scores 1 / (RRF_K + r).
 RRF_K = 60
 
@@ -159,8 +164,9 @@ def build_index(
             pictures = embedder.embed_paths([i.image for i in with_picture if i.image], [i.video for i in with_picture if not i.image])
             order = [i for i in with_picture if i.image] + [i for i in with_picture if not i.image]
             by_id = dict(zip((i.id for i in order), pictures))
-            zero = np.zeros(embedder.dim, dtype=np.float32)
-            table.add(_rows(batch, np.stack([by_id.get(i.id, zero) for i in batch]), embedder.dim))
+            # Text-only items hold a constant unit vector (searches filter them out by has_picture).
+            unit = np.eye(1, embedder.dim, dtype=np.float32)[0]
+            table.add(_rows(batch, np.stack([by_id.get(i.id, unit) for i in batch]), embedder.dim))
             embedded += len(batch)
             bar.update(len(batch))
             if on_batch is not None:
@@ -171,6 +177,10 @@ def build_index(
     if drop:
         table.delete("id IN (" + ", ".join("'" + i.replace("'", "''") + "'" for i in drop) + ")")
     _create_text_index(table)
+    if sum(1 for i in items if i.image or i.video) >= ANN_MIN_ROWS:
+        from lancedb.index import IvfFlat
+
+        table.create_index("vector", config=IvfFlat(distance_type="cosine"), replace=True)
     table.optimize()
     manifest = {
         "format": INDEX_FORMAT, "fingerprint": embedder.fingerprint, "model": model_name, "dim": embedder.dim,
@@ -257,7 +267,7 @@ class RagIndex:
             query = self.embedder.embed_images([load_image(image)])[0]
             rows = (
                 self.table.search(query, vector_column_name="vector").metric("cosine").where("has_picture", prefilter=True)
-                .limit(depth).select(["id", "image", "video", "text", "_distance"]).to_list()
+                .nprobes(NPROBES).limit(depth).select(["id", "image", "video", "text", "_distance"]).to_list()
             )
             for rank, row in enumerate(rows, 1):
                 fused[row["id"]] = Retrieved(row["id"], row["image"], row["video"], row["text"], 1 / (RRF_K + rank),
