@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from hyperowl.cli import DEFAULT_MODEL
-from hyperowl.model.owl3 import Owl3ForCausalLM
+from hyperowl.engine.generate import Owl3ForCausalLM
 from hyperowl.processing.retrieval import RAG_QUESTION
 from hyperowl.rag import PictureEmbedder, RagIndex, build_index
 from hyperowl.synthetic.ragkb import write_rag_kb

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from hyperowl.cli import DEFAULT_MODEL, main
-from hyperowl.model.owl3 import Owl3ForCausalLM
+from hyperowl.engine.generate import Owl3ForCausalLM
 from hyperowl.processing.processor import Owl3Processor
 from hyperowl.processing.retrieval import RAG_QUESTION, PromptItem, cited_pictures, rag_prompt
 from hyperowl.processing.tokenizer import IMAGE_TOKEN

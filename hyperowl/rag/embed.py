@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hyperowl.model.owl3 import Owl3ForCausalLM
+from hyperowl.model.owl3 import Owl3Model
 from hyperowl.processing.image import image_to_tensor, load_image
 from hyperowl.processing.video import load_video
 
 
-def tower_fingerprint(model: Owl3ForCausalLM) -> str:
+def tower_fingerprint(model: Owl3Model) -> str:
     """sha256 (first 16 hex digits) of the vision tower's config and weights rounded to bfloat16: the same
     for one checkpoint loaded in float32 or bfloat16 on any device, different for any other tower."""
     digest = hashlib.sha256(json.dumps(asdict(model.config.vision_config), sort_keys=True, default=str).encode())
@@ -32,7 +32,7 @@ class PictureEmbedder:
     A video is the normalised mean of its sampled frames' embeddings (`video_frames` at most, 1 fps).
     """
 
-    def __init__(self, model: Owl3ForCausalLM, image_size: int, video_frames: int = 8) -> None:
+    def __init__(self, model: Owl3Model, image_size: int, video_frames: int = 8) -> None:
         self.model = model
         self.image_size = image_size
         self.video_frames = video_frames
