@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# hyperowl rag retrieval ({report['date']})", "", f"`{report['command']}`", "", f"Machine: {report['machine']}; "
-             f"Python {report['python']}, torch {report['torch']}, LanceDB {report['lancedb']}.", "",
+    versions = f"Python {report['python']}, torch {report['torch']}, LanceDB {report['lancedb']}"
+    lines = [f"# hyperowl rag retrieval ({report['date']})", "", f"`{report['command']}`", "", f"Machine: {report['machine']}; {versions}.", "",
              f"| items | queries | recall@{args.k} | p50 ms | p95 ms | KB write s | index build s | index MiB |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['items']} | {r['queries']} | {r[f'recall@{args.k}']:.3f} | {r['latency_p50_ms']} | {r['latency_p95_ms']} | "

@@ -4,9 +4,9 @@ builds, tower fingerprints), citations, the CLI, the server's retrieval field, t
 from __future__ import annotations
 
 import base64
-import re
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +20,17 @@ from hyperowl.processing.processor import Owl3Processor
 from hyperowl.processing.retrieval import RAG_QUESTION, PromptItem, cited_pictures, rag_prompt
 from hyperowl.processing.tokenizer import IMAGE_TOKEN
 from hyperowl.rag import (
-    KnowledgeBaseError, PictureEmbedder, RagAnswerer, RagIndex, RagIndexError, Retrieved, build_index, cite, read_kb,
+    KnowledgeBaseError,
+    PictureEmbedder,
+    RagAnswerer,
+    RagIndex,
+    RagIndexError,
+    Retrieved,
+    build_index,
+    cite,
+    read_kb,
 )
+from hyperowl.rag.ask import rag_messages
 from hyperowl.synthetic.draw import COLOURS
 from hyperowl.synthetic.tasks import NAME_STARTS, TaskOptions, make_sample
 from tests.media import block_image
@@ -201,7 +210,7 @@ def test_ask_shows_the_retrieved_items_and_the_query_picture(tmp_path, tiny, tin
 
     answerer.processor = Spy()
     result = answerer.ask("Which violin?", picture(5), k=3)
-    assert [r.id for r in result.retrieved][0] == "item5" and len(result.retrieved) == 3
+    assert result.retrieved[0].id == "item5" and len(result.retrieved) == 3
     content = seen["messages"][0]["content"]
     assert content.startswith(f"{IMAGE_TOKEN} a magenta violin, picture 1\n") and content.endswith(f"{IMAGE_TOKEN}\nWhich violin?")
     assert len(seen["images"]) == 4 and np.array_equal(np.asarray(seen["images"][-1]), np.asarray(picture(5)))
@@ -230,9 +239,10 @@ def test_serve_answers_with_citations_and_refuses_an_unknown_index(tmp_path, tin
                "max_tokens": 6, "temperature": 0, "retrieval": {"index": "kb", "k": 3}}
     with TestClient(app) as client:
         body = client.post("/v1/chat/completions", json=request).json()
-        assert [r["id"] for r in body["retrieved"]][0] == "item2" and len(body["retrieved"]) == 3
+        assert body["retrieved"][0]["id"] == "item2" and len(body["retrieved"]) == 3
         message = body["choices"][0]["message"]
-        assert message["citations"] == [c.as_dict() for c in cite(message["content"], [Retrieved(**{k: v for k, v in r.items() if k in ("id", "image", "video", "text", "score")} | {"image": r["image"] or "", "video": r["video"] or ""}) for r in body["retrieved"]])]
+        shown = [Retrieved(r["id"], r["image"] or "", r["video"] or "", r["text"], r["score"]) for r in body["retrieved"]]
+        assert message["citations"] == [c.as_dict() for c in cite(message["content"], shown)]
         bad = client.post("/v1/chat/completions", json={**request, "retrieval": {"index": "nope"}})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "retrieval.index"
         assert bad.json()["error"]["message"] == "unknown retrieval index 'nope'; this server has kb"
@@ -278,3 +288,29 @@ def test_a_large_index_searches_through_an_ivf_index_with_the_same_results(tmp_p
         assert near == pytest.approx([r.similarity for r in flat.search(image=picture(i), k=4)], abs=1e-5)
         assert near[0] == pytest.approx(1.0, abs=1e-5)
     assert ivf.search(text="text-only", k=1)[0].id == "words"
+
+
+def test_video_and_text_only_items_are_indexed_and_shown_with_their_placeholders(tmp_path, tiny, tiny_checkpoint):
+    from hyperowl.processing.tokenizer import VIDEO_TOKEN
+    from hyperowl.processing.video import load_video
+    from tests.media import write_video
+
+    model, processor, embedder = tiny
+    write_video(tmp_path / "clip.mp4", seconds=3, fps=4, codec="mpeg4")
+    kb = write_kb(tmp_path, lines=[{"id": "film", "video": "clip.mp4", "text": "a short film"}, {"id": "note", "text": "a film note"}])
+    build_index(kb, tmp_path / "index", embedder, "tiny", progress=False)
+    index = RagIndex(tmp_path / "index", embedder, "tiny")
+    frames = load_video(tmp_path / "clip.mp4", fps=1.0, max_frames=8).frames
+    expected = embedder.embed_images(frames).mean(0)
+    stored = dict(zip(*index.table.to_arrow().select(["id", "vector"]).to_pydict().values()))
+    assert np.allclose(stored["film"], expected / np.linalg.norm(expected), atol=1e-5)
+    # the text-only item never comes back from a picture search
+    assert [r.id for r in index.search(image=frames[0], k=4)] == ["film"]
+    answerer = RagAnswerer(model, processor, tmp_path / "index", "tiny")
+    retrieved = answerer.retrieve("film", k=2)
+    assert {r.id for r in retrieved} == {"film", "note"}
+    content = rag_messages(retrieved, "Which film?", has_query_image=False)[0]["content"]
+    lines = {"film": f"{VIDEO_TOKEN} a short film", "note": "a film note"}
+    assert content == "".join(f"{lines[r.id]}, picture {n}\n" for n, r in enumerate(retrieved, 1)) + "Which film?"
+    result = answerer.ask("Which film?", k=2)  # the video is decoded and shown; no query picture
+    assert [r.id for r in result.retrieved] == [r.id for r in retrieved]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from hyperowl.engine.sampling import SamplingParams
 from hyperowl.engine.generate import Owl3ForCausalLM
+from hyperowl.engine.sampling import SamplingParams
 from hyperowl.processing.image import load_image
 from hyperowl.processing.processor import Owl3Processor
 from hyperowl.processing.retrieval import RAG_QUESTION, PromptItem, cited_pictures, rag_prompt
