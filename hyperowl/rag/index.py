@@ -99,14 +99,31 @@ def check_fingerprint(manifest: dict, directory: Path, embedder: PictureEmbedder
         )
 
 
-def _known_vectors(table, wanted: dict[str, str]) -> dict[str, np.ndarray]:
-    """id -> vector of rows of `table` whose content hash is still `wanted[id]`."""
-    data = table.to_arrow().select(["id", "content_hash", "vector"]).to_pydict()
+def _batches(table, columns: list[str], size: int = 4096):
+    """The rows of `table` (`columns` only), `size` at a time, streamed from disk."""
+    return table.search().select(columns).limit(None).to_batches(size)
+
+
+def _current_ids(table, wanted: dict[str, str]) -> set[str]:
+    """Ids of rows of `table` whose content hash is still `wanted[id]`."""
     return {
-        i: np.asarray(v, dtype=np.float32)
-        for i, h, v in zip(data["id"], data["content_hash"], data["vector"])
-        if wanted.get(i) == h
+        i for batch in _batches(table, ["id", "content_hash"])
+        for i, h in zip(batch.column("id").to_pylist(), batch.column("content_hash").to_pylist()) if wanted.get(i) == h
     }
+
+
+def _copy_current(source, target, by_id: dict[str, KBItem], skip: set[str], dim: int) -> set[str]:
+    """Append to `target` the vectors of `source` rows whose item is unchanged in `by_id` (and not in
+    `skip`), with the item's current fields; batch by batch, never the whole table in memory. Returns their ids."""
+    copied: set[str] = set()
+    for batch in _batches(source, ["id", "content_hash", "vector"]):
+        ids, hashes = batch.column("id").to_pylist(), batch.column("content_hash").to_pylist()
+        keep = [j for j, (i, h) in enumerate(zip(ids, hashes)) if i not in skip and i in by_id and by_id[i].content_hash == h]
+        if keep:
+            vectors = batch.column("vector").flatten().to_numpy().reshape(-1, dim)[keep]
+            target.add(_rows([by_id[ids[j]] for j in keep], vectors, dim))
+            copied.update(ids[j] for j in keep)
+    return copied
 
 
 def build_index(
@@ -132,12 +149,9 @@ def build_index(
     if not items:
         raise KnowledgeBaseError(f"{kb_path}: the knowledge base has no items")
     lancedb = _lancedb()
-    reused: dict[str, np.ndarray] = {}
     wanted = {i.id: i.content_hash for i in items}
     if out.exists():
-        manifest = read_manifest(out)
-        check_fingerprint(manifest, out, embedder, model_name)
-        reused = _known_vectors(lancedb.connect(out).open_table(TABLE), wanted)
+        check_fingerprint(read_manifest(out), out, embedder, model_name)
     staging = out.with_name(out.name + ".building")
     state = staging / "build.json"
     if staging.exists() and not (state.is_file() and json.loads(state.read_text()).get("fingerprint") == embedder.fingerprint):
@@ -147,15 +161,15 @@ def build_index(
     db = lancedb.connect(staging)
     if TABLE in db.list_tables().tables:
         table = db.open_table(TABLE)
-        done = set(_known_vectors(table, wanted))
+        done = _current_ids(table, wanted)
     else:
         table = db.create_table(TABLE, schema=_schema(embedder.dim))
         done = set()
-    todo = [i for i in items if i.id not in done]
-    reusable = [i for i in todo if i.id in reused]
-    if reusable:
-        table.add(_rows(reusable, np.stack([reused[i.id] for i in reusable]), embedder.dim))
-    fresh = [i for i in todo if i.id not in reused]
+    copied: set[str] = set()
+    if out.exists():
+        by_id = {i.id: i for i in items}
+        copied = _copy_current(lancedb.connect(out).open_table(TABLE), table, by_id, done, embedder.dim)
+    fresh = [i for i in items if i.id not in done and i.id not in copied]
     embedded = 0
     with tqdm(total=len(fresh), desc="embed", unit="item", disable=not progress or not fresh) as bar:
         for begin in range(0, len(fresh), batch_size):
@@ -172,8 +186,10 @@ def build_index(
             if on_batch is not None:
                 on_batch(embedded)
     # Rows of items that left the KB or changed while a build was interrupted.
-    stale = table.to_arrow().select(["id", "content_hash"]).to_pydict()
-    drop = [i for i, h in zip(stale["id"], stale["content_hash"]) if wanted.get(i) != h]
+    drop = [
+        i for batch in _batches(table, ["id", "content_hash"])
+        for i, h in zip(batch.column("id").to_pylist(), batch.column("content_hash").to_pylist()) if wanted.get(i) != h
+    ]
     if drop:
         table.delete("id IN (" + ", ".join("'" + i.replace("'", "''") + "'" for i in drop) + ")")
     _create_text_index(table)
@@ -189,7 +205,7 @@ def build_index(
     state.unlink()
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     _replace_dir(staging, out)
-    return BuildStats(len(items), embedded, len(reusable) + len(done), round(time.perf_counter() - start, 2))
+    return BuildStats(len(items), embedded, len(copied) + len(done), round(time.perf_counter() - start, 2))
 
 
 def _create_text_index(table) -> None:
