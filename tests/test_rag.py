@@ -100,6 +100,14 @@ def test_cli_reports_a_bad_kb_in_one_line_with_exit_2(tmp_path, tiny_checkpoint,
     assert not (tmp_path / "index").exists()
 
 
+@pytest.mark.parametrize("flags", [["ask", "--index", "x", "--k", "0"], ["ask", "--index", "x", "--max-new-tokens", "0"],
+                                   ["index", "kb.jsonl", "--out", "x", "--batch-size", "0"]])
+def test_cli_refuses_a_count_below_one_by_name(flags, capsys):
+    assert main(["rag", *flags]) == 2
+    flag = flags[-2]
+    assert capsys.readouterr().err.strip() == f"hyperowl rag: error: {flag} must be >= 1, got 0"
+
+
 def test_index_finds_an_item_by_its_picture_and_by_its_text(tmp_path, tiny):
     _, _, embedder = tiny
     kb = write_kb(tmp_path)

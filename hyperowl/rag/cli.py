@@ -16,6 +16,7 @@ from pathlib import Path
 from hyperowl.cli import DEFAULT_MODEL, add_model_arguments, load_model_and_processor
 from hyperowl.engine.sampling import SamplingParams
 from hyperowl.processing.retrieval import RAG_QUESTION
+from hyperowl.rag.errors import RagError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,11 +40,20 @@ def _model_name(args: argparse.Namespace) -> str:
     return str(args.model or DEFAULT_MODEL)
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """`RagError` naming the first count flag below 1 (before any model is loaded)."""
+    names = {"index": ("batch_size",), "ask": ("k", "max_new_tokens")}[args.rag_command]
+    for name in names:
+        if getattr(args, name) < 1:
+            raise RagError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
 def run(args: argparse.Namespace) -> int:
     from hyperowl.rag.ask import RagAnswerer
     from hyperowl.rag.embed import PictureEmbedder
     from hyperowl.rag.index import build_index
 
+    check_flags(args)
     model, processor = load_model_and_processor(args)
     if args.rag_command == "index":
         stats = build_index(args.kb, args.out, PictureEmbedder(model, processor.image_size), _model_name(args), args.batch_size)
