@@ -16,6 +16,7 @@ COMMANDS = {
     "serve": "hyperowl.serve.cli",
     "eval": "hyperowl.eval.cli",
     "train": "hyperowl.train.cli",
+    "rag": "hyperowl.rag.cli",
 }
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

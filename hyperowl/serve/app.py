@@ -9,7 +9,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,12 +28,14 @@ from hyperowl.serve.completions import chunk, completion_body, prepare_job, sse,
 from hyperowl.serve.errors import ApiError, limit_error, overloaded
 from hyperowl.serve.media import DecodeGate
 from hyperowl.serve.metrics import ServerMetrics
+from hyperowl.serve.retrieval import add_citations, apply_retrieval
 from hyperowl.serve.scheduler import Event, Finished, Job, Scheduler, TextDelta
 from hyperowl.serve.schema import ChatCompletionRequest
 from hyperowl.serve.settings import ServerSettings
 
 if TYPE_CHECKING:
     from hyperowl.model.owl3 import Owl3Model
+    from hyperowl.rag.index import RagIndex
 
 log = logging.getLogger("hyperowl.serve")
 
@@ -197,8 +199,11 @@ def exit_process(exc: BaseException) -> None:
     os._exit(SCHEDULER_DIED_EXIT)
 
 
-def create_app(model: Owl3Model, processor: Owl3Processor, settings: ServerSettings) -> FastAPI:
-    """The server for `model`; its scheduler thread runs while the app's lifespan does."""
+def create_app(
+    model: Owl3Model, processor: Owl3Processor, settings: ServerSettings, rag_indexes: Mapping[str, RagIndex] | None = None
+) -> FastAPI:
+    """The server for `model`; its scheduler thread runs while the app's lifespan does. `rag_indexes`: the
+    indexes a request's `retrieval` may name (hyperowl.serve.retrieval)."""
     metrics = ServerMetrics()
     scheduler = Scheduler(
         model,
@@ -322,6 +327,9 @@ def create_app(model: Owl3Model, processor: Owl3Processor, settings: ServerSetti
                 code="model_not_found",
             )
         scheduler.check_room()  # before any media is fetched or decoded
+        retrieved = None
+        if body.retrieval is not None:
+            body, retrieved = await apply_retrieval(body, rag_indexes or {}, settings)
         job = await prepare_job(body, processor, settings, max_context, model.generation_config, decode_gate)
         scheduler.submit(job)
         metrics.prompt_tokens.inc(job.prompt_tokens)
@@ -342,7 +350,7 @@ def create_app(model: Owl3Model, processor: Owl3Processor, settings: ServerSetti
                     pieces.append(event.text)
                 elif isinstance(event, Finished):
                     body = completion_body(ident, int(time.time()), settings.model_name, "".join(pieces), event, logprobs)
-                    return JSONResponse(body)
+                    return JSONResponse(body if retrieved is None else add_citations(body, retrieved))
                 else:
                     raise event.error
         return Response(status_code=499)  # the client went away; nobody reads this

@@ -59,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cut", action="store_true", help="do not cut images into tiles (global view only)")
     parser.add_argument("--vision-chunk-size", type=int, default=None, help="images encoded per vision-tower batch")
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--rag-index", action="append", default=[], metavar="NAME=DIR",
+        help="a `hyperowl rag index` directory requests may name in their retrieval field (repeatable); docs/rag.md",
+    )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -95,6 +99,23 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     )
 
 
+def open_rag_indexes(specs: list[str], model, processor, model_arg) -> dict:
+    """`--rag-index NAME=DIR` values -> opened indexes (checked against this model's vision tower)."""
+    if not specs:
+        return {}
+    from hyperowl.cli import DEFAULT_MODEL
+    from hyperowl.rag import PictureEmbedder, RagIndex, RagIndexError
+
+    embedder = PictureEmbedder(model, processor.image_size)
+    indexes = {}
+    for spec in specs:
+        name, sep, directory = spec.partition("=")
+        if not sep or not name or not directory or name in indexes:
+            raise RagIndexError(f"--rag-index takes NAME=DIR with a new NAME each time; got {spec!r}")
+        indexes[name] = RagIndex(directory, embedder, str(model_arg or DEFAULT_MODEL))
+    return indexes
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
@@ -114,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     if args.video_fps is not None:
         overrides["video_fps"] = args.video_fps
     model, processor = load_model_and_processor(args, **overrides)
-    app = create_app(model, processor, settings)
+    app = create_app(model, processor, settings, open_rag_indexes(args.rag_index, model, processor, args.model))
     uvicorn.run(
         app,
         host=args.host,

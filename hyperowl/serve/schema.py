@@ -60,6 +60,13 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+class Retrieval(_Lenient):
+    """`"retrieval": {"index": NAME, "k": 4}`: answer from the top-k items of a `--rag-index` (hyperowl.serve.retrieval)."""
+
+    index: str
+    k: int = Field(default=4, ge=1, le=16)
+
+
 class ChatCompletionRequest(_Lenient):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
@@ -82,6 +89,7 @@ class ChatCompletionRequest(_Lenient):
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
+    retrieval: Retrieval | None = None
 
     def unsupported_features(self) -> list[str]:
         """Names of the requested OpenAI features hyperowl does not implement (their neutral values pass)."""

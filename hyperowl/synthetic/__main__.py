@@ -3,6 +3,7 @@
 Examples:
   python -m hyperowl.synthetic write --out data/synth --n 100 --seed 0
   python -m hyperowl.synthetic eval --model hyperowl/assets/default-model --n 200   (or a LLaVA baseline checkpoint)
+  python -m hyperowl.synthetic rag-kb --out kb --n 200   (a knowledge base for `hyperowl rag index`)
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     write.add_argument("--seed", type=int, default=0)
     write.add_argument("--image-size", type=int, default=32)
     write.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    kb = sub.add_parser("rag-kb", help="a knowledge base of invented concepts + fresh query pictures")
+    kb.add_argument("--out", required=True)
+    kb.add_argument("--n", type=int, default=200, help="knowledge items")
+    kb.add_argument("--queries", type=int, default=20, help="query pictures")
+    kb.add_argument("--seed", type=int, default=0)
+    kb.add_argument("--image-size", type=int, default=32)
     ev = sub.add_parser("eval", help="held-out exact-match accuracy per task")
     ev.add_argument("--model", required=True)
     ev.add_argument("--n", type=int, default=200, help="samples per task")
@@ -33,10 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ev.add_argument("--device", default=None)
     ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--rag-pictures", type=int, default=4, help="retrieved pictures per rag question")
     args = parser.parse_args(argv)
     if args.command == "write":
         path = write_dataset(args.out, args.tasks, args.n, args.seed, TaskOptions(image_size=args.image_size))
         print(path)
+        return 0
+    if args.command == "rag-kb":
+        from hyperowl.synthetic.ragkb import write_rag_kb
+
+        print(write_rag_kb(args.out, args.n, args.queries, args.seed, args.image_size))
         return 0
     import torch
 
@@ -51,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = Owl3ForCausalLM.from_pretrained(args.model, dtype=torch.float32, device=device)
     processor = Owl3Processor.from_pretrained(args.model)
-    opts = TaskOptions(image_size=processor.image_size)
+    opts = TaskOptions(image_size=processor.image_size, rag_pictures=(args.rag_pictures, args.rag_pictures))
     start = time.perf_counter()
-    result = {"model": args.model, "n": args.n, "seed": args.seed}
+    result = {"model": args.model, "n": args.n, "seed": args.seed, "rag_pictures": args.rag_pictures}
     result["accuracy"] = evaluate_tasks(model, processor, args.tasks, args.n, args.seed, opts, args.batch_size, cut_enable=False)
     cut_tasks = [t for t in args.tasks if t in SINGLE_PICTURE_TASKS]
     if cut_tasks:

@@ -25,6 +25,12 @@ Tasks (chance level in brackets):
   lookup      text only: K pictures described in a numbered list ("3 blue cross"), then "which picture
               shows X", answered with the distractor task's walk. It teaches the walk's counting and
               stopping without pictures.
+  rag         retrieval-augmented naming: K retrieved pictures of distinct shapes, each with a description
+              that gives it an invented name ("a red circle is a dile"), laid out as
+              `hyperowl.processing.retrieval.rag_prompt` does, then a new picture of one of them drawn
+              afresh and "What is this called? Say which picture told you."; answered by repeating the
+              matching description and its number ("a red circle is a dile, picture 3") [1/K]. Names are
+              fresh per sample (two tokens, distinct first tokens), so they can only be read, not remembered.
 
 With `TaskOptions.choice_probability`, questions of the tasks in `CHOICE_TASKS` are asked as lettered
 multiple-choice prompts instead (the layout `hyperowl eval` uses), answered with the option's letter.
@@ -39,6 +45,7 @@ from dataclasses import dataclass, field, replace
 from PIL import Image
 
 from hyperowl.processing.choices import format_question, option_letter
+from hyperowl.processing.retrieval import RAG_QUESTION, PromptItem, rag_prompt
 from hyperowl.processing.template import render_chat
 from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
 from hyperowl.synthetic.draw import COLOURS, SHAPES, digit_picture, scene_picture, shape_picture
@@ -77,6 +84,7 @@ class TaskOptions:
     the distractor and sequence tasks (the held-out test uses 16, 16). `video_events`: (min, max) shapes per video.
     `cut_probability`: chance that a single-picture sample is marked for cutting.
     `choice_probability`: chance that a sample of `CHOICE_TASKS` is asked as a multiple-choice question.
+    `rag_pictures`: (min, max) retrieved pictures of the rag task (at most `len(NAME_STARTS)`).
     """
 
     image_size: int = 32
@@ -84,6 +92,7 @@ class TaskOptions:
     video_events: tuple[int, int] = (3, 5)
     cut_probability: float = 0.0
     choice_probability: float = 0.0
+    rag_pictures: tuple[int, int] = (4, 4)
 
 
 COMBOS: list[tuple[str, str]] = [(c, s) for c in COLOURS for s in SHAPES]
@@ -204,6 +213,37 @@ def make_sequence(rng: random.Random, opts: TaskOptions) -> Sample:
     return Sample("sequence", messages, images, answer=messages[-1]["content"])
 
 
+#: Invented names of the rag task are one of these starts and one of `NAME_ENDS`; the tokenizer of the
+#: bundled model reads each such name as exactly two tokens (" di" + "ro").
+NAME_STARTS: tuple[str, ...] = ("di", "le", "ha", "cho", "wit", "giv", "sam", "man")
+NAME_ENDS: tuple[str, ...] = ("ag", "ro", "pe", "ly", "sw", "ow", "ir", "qu", "io", "ye", "de", "lo", "am", "be", "fo", "ic", "st", "te")
+
+
+def invented_names(rng: random.Random, k: int) -> list[str]:
+    """`k` invented names with distinct starts ("diro", "lepe", ...)."""
+    if not 1 <= k <= len(NAME_STARTS):
+        raise ValueError(f"rag pictures must be 1..{len(NAME_STARTS)}, got {k}")
+    return [start + rng.choice(NAME_ENDS) for start in rng.sample(NAME_STARTS, k)]
+
+
+def concept_text(colour: str, shape: str, name: str) -> str:
+    """The description that names a concept: "a red circle is a diro"."""
+    return f"a {colour} {shape} is a {name}"
+
+
+def make_rag(rng: random.Random, opts: TaskOptions) -> Sample:
+    k = rng.randint(*opts.rag_pictures)
+    combos = rng.sample(COMBOS, k)
+    names = invented_names(rng, k)
+    texts = [concept_text(c, s, n) for (c, s), n in zip(combos, names)]
+    target = rng.randrange(k)
+    images = [shape_picture(rng, opts.image_size, *combo)[0] for combo in combos]
+    images.append(shape_picture(rng, opts.image_size, *combos[target])[0])
+    prompt = rag_prompt([PromptItem(t) for t in texts], RAG_QUESTION)
+    answer = f"{texts[target]}, picture {target + 1}"
+    return Sample("rag", _qa(prompt, answer), images, answer=answer)
+
+
 def make_video(rng: random.Random, opts: TaskOptions) -> Sample:
     video = random_video(rng, opts.image_size, rng.randint(*opts.video_events))
     names = [event.item.name for event in video.events]
@@ -282,6 +322,7 @@ TASKS: dict[str, Callable[[random.Random, TaskOptions], Sample]] = {
     "sequence": make_sequence,
     "repeat": make_repeat,
     "lookup": make_lookup,
+    "rag": make_rag,
 }
 
 
@@ -319,10 +360,15 @@ class TaskMixture:
         return make_sample(self.task_of(index), self.seed, index, self.opts)
 
 
+#: Tasks whose texts train a from-scratch tokenizer (`corpus`): all but rag, whose invented names are
+#: made of that tokenizer's pieces and must stay unknown words to it.
+CORPUS_TASKS: tuple[str, ...] = tuple(t for t in TASKS if t != "rag")
+
+
 def corpus(seed: int = 0, n: int = 2000, opts: TaskOptions | None = None) -> list[str]:
-    """`n` conversations of every task rendered in ChatML, e.g. to train a tokenizer on."""
+    """`n` conversations of every task of `CORPUS_TASKS` rendered in ChatML, e.g. to train a tokenizer on."""
     texts: list[str] = []
-    for task in TASKS:
+    for task in CORPUS_TASKS:
         for i in range(n):
             sample = make_sample(task, seed, i, opts)
             texts.append(render_chat(sample.messages))

@@ -54,6 +54,7 @@ class TrainConfig:
     synthetic_video_events: list[int] = field(default_factory=lambda: [3, 5])
     synthetic_cut_probability: float = 0.0
     synthetic_choice_probability: float = 0.0
+    synthetic_rag_pictures: list[int] = field(default_factory=lambda: [4, 4])
     synthetic_warmup_tasks: dict[str, float] | None = None
     synthetic_warmup_steps: int = 0
     video_guidance: dict[str, Any] | None = None

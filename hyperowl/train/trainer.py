@@ -267,6 +267,7 @@ def make_dataset(cfg: TrainConfig, image_size: int, world_size: int = 1) -> Json
         video_events=tuple(cfg.synthetic_video_events),
         cut_probability=cfg.synthetic_cut_probability,
         choice_probability=cfg.synthetic_choice_probability,
+        rag_pictures=tuple(cfg.synthetic_rag_pictures),
     )
     warmup = TaskMixture(cfg.synthetic_warmup_tasks, cfg.seed, opts) if cfg.synthetic_warmup_tasks else None
     warmup_samples = cfg.synthetic_warmup_steps * cfg.batch_size * cfg.grad_accum * world_size
