@@ -67,3 +67,24 @@ def test_graph_on_a_full_cache_is_refused_before_writing():
     cache.length = 2
     with pytest.raises(RuntimeError, match="text cache is full"):
         step(torch.zeros(1, dtype=torch.long))
+
+
+def test_a_step_that_cannot_be_captured_decodes_eagerly(monkeypatch):
+    """A capture failure (an operator CUDA graphs cannot record) warns and falls back to eager steps,
+    with the same logits."""
+    model = random_model(seed=2)
+    batch = many_images_batch(model, (3,), seed=1)
+    logits, cache, visual = prefill(model, **batch, extra_tokens=3)
+    twin_cache, twin_visual = copy.deepcopy(cache), copy.deepcopy(visual)
+    graphed = DecodeStep(model, cache, visual)
+    graphed.use_graph = True
+
+    def refuse(tokens):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphed, "_capture", refuse)
+    token = logits.argmax(-1)
+    with pytest.warns(UserWarning, match="decoding without a CUDA graph"):
+        ours = graphed(token)
+    torch.testing.assert_close(ours, DecodeStep(model, twin_cache, twin_visual)(token))
+    assert not graphed.use_graph and cache.length == twin_cache.length

@@ -7,6 +7,7 @@ the official code recomputes `input_layernorm(V)` and `v_kv_proj` at every step.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -201,11 +202,15 @@ class DecodeStep:
         elif cache.length >= cache.capacity:
             raise RuntimeError(f"the text cache is full ({cache.capacity} columns); reserve room before decoding")
         self.index.fill_(cache.length)
+        if self.use_graph and self.graph is None:
+            try:
+                self._capture(tokens)
+            except RuntimeError as exc:  # a kernel that cannot be captured: decode eagerly, correctly
+                warnings.warn(f"decoding without a CUDA graph: capturing the decode step failed ({exc})", stacklevel=2)
+                self.use_graph, self.graph = False, None
         if not self.use_graph:
             logits = self._run(tokens)
         else:
-            if self.graph is None:
-                self._capture(tokens)
             assert self.graph is not None and self.tokens is not None and self.logits is not None
             self.tokens.copy_(tokens)
             self.graph.replay()
