@@ -14,6 +14,7 @@ from hyperowl.engine.longvideo import expanded_prompt
 from hyperowl.engine.sampling import SamplingParams
 from hyperowl.errors import PromptError
 from hyperowl.model.cache import TextKVCache, VisualKV
+from hyperowl.model.owl3 import PixelStream
 from hyperowl.processing.image import image_to_tensor
 from hyperowl.processing.processor import Owl3Processor
 from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
@@ -53,7 +54,6 @@ class ChatSession:
         self.cache: TextKVCache | None = None
         self.visual: VisualKV | None = None
         self.cached_ids: torch.Tensor = torch.zeros(0, dtype=torch.long)
-        self.encoded_images = 0
         self.last_stats: dict[str, float] = {}
 
     def ask_stream(self, text: str, images: list[Any] | None = None, videos: list[Any] | None = None) -> Iterator[str]:
@@ -86,7 +86,12 @@ class ChatSession:
         messages = [*self.messages, {"role": "user", "content": content}]
         expanded = [*self.expanded, {"role": "user", "content": expanded_content}]
         batch = expanded_prompt(proc, expanded)
-        new_pixels = image_to_tensor(views, proc.image_size) if views else None
+        # converted a chunk at a time while the model encodes: no float tensor of every frame at once
+        chunk = self.vision_chunk_size or self.model.visual_options.chunk_size
+        new_pixels = None
+        if views:
+            pieces = (image_to_tensor(views[i : i + chunk], proc.image_size) for i in range(0, len(views), chunk))
+            new_pixels = PixelStream(len(views), pieces)
         # Bad input raised above; only now does the conversation take the new turn.
         self.messages, self.expanded = messages, expanded
         self.images, self.videos = self.images + images, self.videos + videos
@@ -107,7 +112,6 @@ class ChatSession:
             vision_chunk_size=self.vision_chunk_size,
         )
         self.cache, self.visual = state["cache"], state["visual"]
-        self.encoded_images += 0 if new_pixels is None else new_pixels.shape[0]
         # The cache holds the prompt and every answer token but the last one sampled.
         answer_ids = state["token_ids"]
         self.cached_ids = torch.cat([ids, torch.tensor(answer_ids[:-1], dtype=torch.long)])
