@@ -79,6 +79,12 @@ def test_chunked_encoding_equals_unchunked(fused):
     with torch.no_grad():
         streamed = model(**{**batch, "pixel_values": stream}).logits
     torch.testing.assert_close(streamed, whole, atol=1e-5, rtol=1e-5)
+    # chunks of features the tower and projector already made (kept from an earlier request) give it too
+    with torch.no_grad():
+        features = model.encode_images(pixels)
+        kept = PixelStream(11, [features[:6], features[6:]])
+        from_features = model(**{**batch, "pixel_values": kept}).logits
+    torch.testing.assert_close(from_features, whole, atol=1e-5, rtol=1e-5)
 
 
 def dense_image_attention(q, vis_k, vis_v, counts, p, text_k=None, text_v=None, self_mask=None):

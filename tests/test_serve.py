@@ -237,6 +237,36 @@ def test_video_streaming_and_not(client: openai.OpenAI, ref: Reference, model_na
     assert "".join(c.choices[0].delta.content or "" for c in stream) == expected
 
 
+def media_cache_counts(server: str) -> tuple[float, float]:
+    """(hits, misses) of the server's media feature cache."""
+    values = {}
+    for line in httpx.get(f"{server}/metrics", timeout=TIMEOUT).text.splitlines():
+        if line.startswith(("hyperowl_media_cache_hits ", "hyperowl_media_cache_misses ")):
+            name, value = line.split()
+            values[name] = float(value)
+    return values["hyperowl_media_cache_hits"], values["hyperowl_media_cache_misses"]
+
+
+def test_a_repeated_film_is_not_decoded_again(
+    server: str, client: openai.OpenAI, ref: Reference, model_name: str, media_dir: Path
+) -> None:
+    """Two questions about the same video: the second takes the kept features (a cache hit, no decode, no
+    vision tower) and both answers equal in-process generation; other frame settings are another entry."""
+    data = (media_dir / "clip.mp4").read_bytes()
+    part = {"type": "video_url", "video_url": {"url": data_uri(data, "video/mp4"), "max_frames": 2}}
+    clip = load_video(media_dir / "clip.mp4", fps=ref.processor.video_fps, max_frames=2)
+    hits, misses = media_cache_counts(server)
+    for n, text in enumerate(("What happened first in the video?", "What happened last in the video?")):
+        question = {"type": "text", "text": text}
+        expected, prompt_tokens, _ = ref.answer(user({"type": "video"}, question), videos=[clip])
+        reply = client.chat.completions.create(model=model_name, messages=user(part, question), temperature=0, max_tokens=16)
+        assert reply.choices[0].message.content == expected and reply.usage.prompt_tokens == prompt_tokens
+        assert media_cache_counts(server) == (hits + n, misses + 1)
+    other = {"type": "video_url", "video_url": {"url": "clip.mp4", "max_frames": 1}}
+    client.chat.completions.create(model=model_name, messages=user(other, question), temperature=0, max_tokens=4)
+    assert media_cache_counts(server) == (hits + 1, misses + 2)
+
+
 def test_video_keyframe_sampling(client: openai.OpenAI, ref: Reference, model_name: str, media_dir: Path) -> None:
     """`"sampling": "keyframe"` answers about the keyframes nearest to the sampled frames."""
     from tests.media import write_pattern_video
@@ -701,3 +731,20 @@ def test_streamed_text_holds_back_stop_string_prefixes_and_partial_characters() 
     assert asyncio.run(run([1, 2, 3, 4])) == (["Hel", "lo "], "stop")
     assert asyncio.run(run([1, 2, 3, 5, 0])) == (["Hel", "lo ", "STx"], "stop")
     assert asyncio.run(run([1, 6, 7, 3], max_tokens=4)) == (["Hel", "é", "ST"], "length")
+
+
+def test_media_cache_keeps_the_most_recently_used_within_its_bytes() -> None:
+    from hyperowl.serve.media_cache import CachedMedium, MediaCache, media_key
+
+    entry = lambda n: CachedMedium("<|image|>" * n, torch.zeros(n, 4, 8))  # n x 128 bytes
+    cache = MediaCache(max_bytes=5 * 128)
+    cache.put("a", entry(2))
+    cache.put("b", entry(2))
+    assert cache.get("a") is not None  # "a" is now the most recently used
+    cache.put("c", entry(2))  # 6 x 128 > 5 x 128: the least recently used ("b") goes
+    assert cache.get("b") is None and cache.get("a") is not None and cache.get("c") is not None
+    assert (len(cache), cache.nbytes, cache.hits, cache.misses) == (2, 4 * 128, 3, 1)
+    cache.put("huge", entry(6))  # larger than the whole cache: not kept, nothing evicted
+    assert cache.get("huge") is None and len(cache) == 2
+    same = media_key(b"film", ("video", 384, 16))
+    assert same == media_key(b"film", ("video", 384, 16)) != media_key(b"film", ("video", 384, 8)) != media_key(b"other", ("video", 384, 16))

@@ -80,7 +80,7 @@ class ChatSession:
             if content.count(token) != len(given):
                 raise PromptError(f"{content.count(token)} {token} placeholder(s) but {len(given)} {kind}(s) given")
         proc = self.processor
-        (expanded_content,), views, _ = proc._expand_media(
+        (expanded_content,), views, _ = proc.expand_media(
             [content], images, videos, proc.cut_enable, proc.video_fps, proc.max_frames
         )
         messages = [*self.messages, {"role": "user", "content": content}]

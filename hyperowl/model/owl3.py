@@ -57,7 +57,9 @@ class VisualOptions:
 
 @dataclass
 class PixelStream:
-    """Pixels of `total` images arriving in chunks (`[n, 3, S, S]` tensors, in image order)."""
+    """`total` images arriving in chunks, in image order: pixels `[n, 3, S, S]`, or features the vision
+    tower and projector already made from them (`[n, tokens_per_image, H]`, e.g. kept from an earlier
+    request), which go straight to the hyper layers' K/V."""
 
     total: int
     chunks: Iterable[torch.Tensor]
@@ -227,7 +229,8 @@ class Owl3Model(nn.Module):
                     part = pixels[i : i + chunk]
                     if done + part.shape[0] > stream.total:
                         raise PromptError(f"got more than the {stream.total} images the prompt has <|image|> tokens for")
-                    self.write_visual(visual, self.encode_chunk(part), done, rows, positions)
+                    features = part.to(self.device, self.dtype) if part.dim() == 3 else self.encode_chunk(part)
+                    self.write_visual(visual, features, done, rows, positions)
                     done += part.shape[0]
                     bar.update(part.shape[0])
         if done != stream.total:

@@ -29,7 +29,8 @@ from hyperowl.processing.tokenizer import (
 )
 from hyperowl.processing.video import FILE_MAX_FRAMES, VideoClip, load_video
 
-_MEDIA_PATTERN = re.compile(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}")
+#: One media placeholder (`<|image|>` or `<|video|>`) in message text.
+MEDIA_PATTERN = re.compile(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}")
 
 #: Label value ignored by the loss.
 IGNORE_INDEX = -100
@@ -234,7 +235,7 @@ class Owl3Processor:
             _check_count(joined.count(IMAGE_TOKEN), len(sample_images), "image", index, is_batch)
             _check_count(joined.count(VIDEO_TOKEN), len(sample_videos), "video", index, is_batch)
             first_image.append(len(views))
-            expanded_texts, sample_views, timestamps = self._expand_media(
+            expanded_texts, sample_views, timestamps = self.expand_media(
                 texts, sample_images, sample_videos, cut, sample_fps, max_frames
             )
             views.extend(sample_views)
@@ -266,7 +267,7 @@ class Owl3Processor:
             data["labels"] = left_pad([torch.tensor(labels, dtype=torch.long) for labels in label_lists], IGNORE_INDEX)[0]
         return Owl3Batch(data, frame_timestamps)
 
-    def _expand_media(
+    def expand_media(
         self,
         texts: list[str],
         images: list[Any],
@@ -310,7 +311,7 @@ class Owl3Processor:
                 return START_VIDEO_FRAME + IMAGE_TOKEN * len(clip) + END_VIDEO_FRAME
             return IMAGE_TOKEN * len(clip)
 
-        return [_MEDIA_PATTERN.sub(expand, text) for text in texts], views, timestamps
+        return [MEDIA_PATTERN.sub(expand, text) for text in texts], views, timestamps
 
 
 def has_241101_markers(tokenizer: Tokenizer) -> bool:

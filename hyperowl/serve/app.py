@@ -27,6 +27,7 @@ from hyperowl.processing.processor import Owl3Processor
 from hyperowl.serve.completions import chunk, completion_body, prepare_job, sse, usage
 from hyperowl.serve.errors import ApiError, limit_error, overloaded
 from hyperowl.serve.media import DecodeGate
+from hyperowl.serve.media_cache import MediaCache
 from hyperowl.serve.metrics import ServerMetrics
 from hyperowl.serve.retrieval import add_citations, apply_retrieval
 from hyperowl.serve.scheduler import Event, Finished, Job, Scheduler, TextDelta
@@ -205,6 +206,9 @@ def create_app(
     """The server for `model`; its scheduler thread runs while the app's lifespan does. `rag_indexes`: the
     indexes a request's `retrieval` may name (hyperowl.serve.retrieval)."""
     metrics = ServerMetrics()
+    media_cache = MediaCache(settings.media_cache_bytes) if settings.media_cache_bytes else None
+    if media_cache is not None:
+        metrics.watch_media_cache(media_cache)
     scheduler = Scheduler(
         model,
         decode=lambda ids: processor.decode(ids, skip_special_tokens=True),
@@ -214,6 +218,7 @@ def create_app(
         max_queue=settings.max_queue,
         vision_chunk_size=settings.vision_chunk_size,
         on_death=exit_process,
+        media_cache=media_cache,
     )
     decode_gate = DecodeGate(settings.max_concurrent_decodes, settings.max_pixels_in_flight)
     metrics.queue_depth.set_function(lambda: scheduler.queued)
@@ -330,7 +335,7 @@ def create_app(
         retrieved = None
         if body.retrieval is not None:
             body, retrieved = await apply_retrieval(body, rag_indexes or {}, settings)
-        job = await prepare_job(body, processor, settings, max_context, model.generation_config, decode_gate)
+        job = await prepare_job(body, processor, settings, max_context, model.generation_config, decode_gate, media_cache)
         scheduler.submit(job)
         metrics.prompt_tokens.inc(job.prompt_tokens)
         ident = f"chatcmpl-{uuid.uuid4().hex}"

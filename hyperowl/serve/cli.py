@@ -55,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limit("--body-timeout", float, _DEFAULTS.body_timeout_s, "seconds a request body has to arrive completely")
     limit("--keep-alive-timeout", float, _DEFAULTS.keep_alive_timeout_s, "seconds an idle keep-alive connection stays open")
     limit("--max-connections", int, _DEFAULTS.max_connections, "most open connections (more get 503 and are closed)")
+    limit(
+        "--media-cache-mb", float, _DEFAULTS.media_cache_bytes / 2**20,
+        "vision features of images and videos kept across requests, MiB (0 = none): a repeated medium is not decoded again",
+    )
     parser.add_argument("--video-fps", type=float, default=None, help="frames per second sampled from videos")
     parser.add_argument("--no-cut", action="store_true", help="do not cut images into tiles (global view only)")
     parser.add_argument("--vision-chunk-size", type=int, default=None, help="images encoded per vision-tower batch")
@@ -96,6 +100,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         body_timeout_s=args.body_timeout,
         keep_alive_timeout_s=args.keep_alive_timeout,
         max_connections=args.max_connections,
+        media_cache_bytes=int(args.media_cache_mb * 2**20),
     )
 
 

@@ -10,8 +10,13 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from hyperowl.config import GenerationConfig
+from hyperowl.engine.longvideo import expanded_prompt
 from hyperowl.engine.sampling import SamplingParams
-from hyperowl.processing.processor import Owl3Batch, Owl3Processor
+from hyperowl.errors import PromptError
+from hyperowl.processing.image import image_to_tensor
+from hyperowl.processing.processor import MEDIA_PATTERN, Owl3Processor
+from hyperowl.processing.template import message_text
+from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
 from hyperowl.processing.video import DEFAULT_SAMPLING, Sampling
 from hyperowl.serve.errors import ApiError, limit_error
 from hyperowl.serve.media import (
@@ -23,6 +28,7 @@ from hyperowl.serve.media import (
     resolve_media,
     video_frame_size,
 )
+from hyperowl.serve.media_cache import MediaCache, MediumInput, media_key
 from hyperowl.serve.scheduler import Finished, Job, TokenLogprob
 from hyperowl.serve.schema import ChatCompletionRequest, ChatMessage, ImageUrlPart, TextPart
 from hyperowl.serve.settings import ServerSettings
@@ -116,19 +122,65 @@ def process(
     sources: list[MediaSource],
     processor: Owl3Processor,
     settings: ServerSettings,
-) -> Owl3Batch:
-    """Decode the media within the limits and run the processor (CPU work: call it in a thread)."""
-    images, videos, frames = [], [], 0
+    media_cache: MediaCache | None = None,
+) -> dict[str, Any]:
+    """Decode the media within the limits and run the processor (CPU work: call it in a thread).
+
+    With `media_cache`, a medium found there is not decoded at all: the prompt takes its kept expansion
+    and the model its kept features; the others are decoded, expanded one by one and handed to the
+    scheduler as pixels to encode and keep (`batch["media"]`, a `MediumInput` per medium in prompt order).
+    """
+    if media_cache is None or not media:
+        images, videos = [], []
+        for part, source in zip(media, sources):
+            if part.kind == "image":
+                images.append(load_checked_image(source, len(images), settings))
+            else:
+                videos.append(load_checked_video(source, len(videos), processor.video_fps, part.max_frames, settings, part.sampling, processor.image_size))
+                check_frames(sum(len(clip) for clip in videos), settings)
+        return processor(messages, images=images, videos=videos)
+    inputs: list[MediumInput] = []
+    images = videos = frames = 0
     for part, source in zip(media, sources):
+        view_settings = (part.kind, processor.image_size, processor.prompt_format, processor.cut_enable, processor.video_fps)
+        if part.kind == "video":
+            view_settings += (part.max_frames, part.sampling)
+        key = media_key(source, view_settings)
+        kept = media_cache.get(key)
+        if kept is not None:
+            medium = MediumInput(key, kept.placeholder, features=kept.features)
+        elif part.kind == "image":
+            image = load_checked_image(source, images, settings)
+            (placeholder,), views, _ = processor.expand_media([IMAGE_TOKEN], [image], [], processor.cut_enable, processor.video_fps, None)
+            medium = MediumInput(key, placeholder, pixels=image_to_tensor(views, processor.image_size))
+        else:
+            clip = load_checked_video(source, videos, processor.video_fps, part.max_frames, settings, part.sampling, processor.image_size)
+            (placeholder,), views, _ = processor.expand_media([VIDEO_TOKEN], [], [clip], False, processor.video_fps, None)
+            medium = MediumInput(key, placeholder, pixels=image_to_tensor(views, processor.image_size))
         if part.kind == "image":
-            images.append(load_checked_image(source, len(images), settings))
-            continue
-        clip = load_checked_video(source, len(videos), processor.video_fps, part.max_frames, settings, part.sampling, processor.image_size)
-        frames += len(clip)
-        if frames > settings.max_frames:
-            raise limit_error(f"the videos have more than {settings.max_frames} frames in all", "max_frames", "messages")
-        videos.append(clip)
-    return processor(messages, images=images, videos=videos)
+            images += 1
+        else:
+            videos += 1
+            frames += medium.views
+            check_frames(frames, settings)
+        inputs.append(medium)
+    texts = [message_text(message) for message in messages]
+    found = [match.group(0) for text in texts for match in MEDIA_PATTERN.finditer(text)]
+    wanted = [IMAGE_TOKEN if part.kind == "image" else VIDEO_TOKEN for part in media]
+    if found != wanted:  # a placeholder typed into a text part
+        raise PromptError(f"the messages hold {len(found)} media placeholder(s) for {len(wanted)} image or video part(s)")
+    placeholders = iter(inputs)
+    expanded = [
+        {"role": message["role"], "content": MEDIA_PATTERN.sub(lambda _: next(placeholders).placeholder, text)}
+        for message, text in zip(messages, texts)
+    ]
+    return {**expanded_prompt(processor, expanded), "pixel_values": None, "media": inputs}
+
+
+def check_frames(frames: int, settings: ServerSettings) -> None:
+    """400 when the videos of a request have more than `max_frames` frames in all."""
+    if frames > settings.max_frames:
+        raise limit_error(f"the videos have more than {settings.max_frames} frames in all", "max_frames", "messages")
 
 
 async def prepare_job(
@@ -138,9 +190,10 @@ async def prepare_job(
     max_context: int,
     defaults: GenerationConfig | None = None,
     decode_gate: DecodeGate | None = None,
+    media_cache: MediaCache | None = None,
 ) -> Job:
-    """Check `request` against the limits, load its media (through `decode_gate` when given), process the
-    prompt; 4xx `ApiError` when it cannot run.
+    """Check `request` against the limits, load its media (through `decode_gate` when given; media kept in
+    `media_cache` are not decoded again), process the prompt; 4xx `ApiError` when it cannot run.
 
     Sampling fields the request leaves out take the model's generation defaults (`defaults`, its
     generation_config.json; greedy without one); a given `temperature` also sets sampling on (> 0) or
@@ -170,9 +223,9 @@ async def prepare_job(
     if media and decode_gate is not None:
         pixels = await run_in_threadpool(media_pixels, media, sources, settings)
         async with decode_gate.admit(pixels):
-            batch = await run_in_threadpool(process, messages, media, sources, processor, settings)
+            batch = await run_in_threadpool(process, messages, media, sources, processor, settings, media_cache)
     else:
-        batch = await run_in_threadpool(process, messages, media, sources, processor, settings)
+        batch = await run_in_threadpool(process, messages, media, sources, processor, settings, media_cache)
     prompt_tokens = batch["input_ids"].shape[1]
     if prompt_tokens + max_tokens > max_context:
         raise ApiError(

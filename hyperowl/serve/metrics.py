@@ -5,8 +5,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from hyperowl.serve.media_cache import MediaCache
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -50,6 +54,16 @@ class ServerMetrics:
         self._window_s = window_s
         self._recent: deque[tuple[float, int]] = deque()
         self._lock = threading.Lock()
+
+    def watch_media_cache(self, cache: MediaCache) -> None:
+        """Export the media cache's hits, misses, entries and bytes (read when scraped)."""
+        for name, text, read in (
+            ("hits", "Media found in the feature cache (not decoded, no vision tower)", lambda: cache.hits),
+            ("misses", "Media not in the feature cache (decoded and encoded, then kept)", lambda: cache.misses),
+            ("entries", "Media in the feature cache", lambda: len(cache)),
+            ("bytes", "Bytes of features in the media cache", lambda: cache.nbytes),
+        ):
+            Gauge(f"hyperowl_media_cache_{name}", text, registry=self.registry).set_function(read)
 
     def count_tokens(self, n: int) -> None:
         """Record `n` tokens generated now."""

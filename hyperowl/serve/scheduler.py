@@ -26,6 +26,7 @@ from hyperowl.engine.batching import DecodeBatch
 from hyperowl.engine.generate import MODEL_INPUTS, prefill
 from hyperowl.engine.sampling import SamplingParams, sample_row
 from hyperowl.serve.errors import ApiError, overloaded
+from hyperowl.serve.media_cache import MediaCache
 from hyperowl.serve.metrics import ServerMetrics
 
 if TYPE_CHECKING:
@@ -252,8 +253,10 @@ class Scheduler:
         max_queue: int,
         vision_chunk_size: int | None = None,
         on_death: Callable[[BaseException], None] | None = None,
+        media_cache: MediaCache | None = None,
     ) -> None:
         self.model = model
+        self.media_cache = media_cache
         self.on_death = on_death
         self.decode = decode
         self.stop_ids = set(stop_ids)
@@ -360,6 +363,8 @@ class Scheduler:
         try:
             row = Row(job, self.decode, self.stop_ids, self.model.device)
             inputs = {k: job.batch.get(k) for k in MODEL_INPUTS}
+            if job.batch.get("media") and self.media_cache is not None:  # kept features, or pixels to encode and keep
+                inputs["pixel_values"] = self.media_cache.feature_stream(self.model, job.batch["media"], self.vision_chunk_size)
             logits, cache, visual = prefill(self.model, **inputs, vision_chunk_size=self.vision_chunk_size)
             finish = row.accept(row.sample(logits[0]))
         except Exception as exc:  # a bad request must not stop the server

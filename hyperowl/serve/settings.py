@@ -41,6 +41,9 @@ class ServerSettings:
         body_timeout_s: a request body must arrive completely within this long (408 otherwise).
         keep_alive_timeout_s: an idle keep-alive connection is closed after this long.
         max_connections: most open connections; more are answered 503 and closed at once.
+        media_cache_bytes: vision features of images and videos kept across requests, in bytes (0: none);
+            a request whose media are kept skips decoding them and the vision tower
+            (`hyperowl.serve.media_cache`).
     """
 
     model_name: str = "hyperowl"
@@ -69,6 +72,7 @@ class ServerSettings:
     body_timeout_s: float = 60.0
     keep_alive_timeout_s: float = 5.0
     max_connections: int = 512
+    media_cache_bytes: int = 1024 * 2**20
 
     def __post_init__(self) -> None:
         for name in (
@@ -90,8 +94,9 @@ class ServerSettings:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        for name in ("max_queue", "media_cache_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         timeouts = ("request_timeout_s", "remote_timeout_s", "header_timeout_s", "body_timeout_s", "keep_alive_timeout_s")
         for name in timeouts:
             if not getattr(self, name) > 0:

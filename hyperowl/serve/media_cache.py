@@ -1,0 +1,128 @@
+"""Vision features of images and videos kept across requests, by content: a second question about the same
+film skips decoding and the vision tower.
+
+What is kept per medium is its prompt expansion (the placeholder text the processor writes for it: one
+`<|image|>` per view, cut grid or video frame markers) and the projected features of its views (`[views,
+tokens_per_image, H]`, after the vision tower and the projector). The visual K/V of the hyper layers are
+not kept: they carry the MI-Rope position of each image in the prompt, which differs from request to
+request, and turning features into K/V is a small part of the work. Features are stored on the CPU
+(pinned when the model is on a GPU) and bounded in bytes; the least recently used go first.
+
+The key is the medium's bytes (SHA-256) with everything that changes its views: kind, frame rate,
+`max_frames`, sampling mode, cutting, image size and prompt format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hyperowl.model.owl3 import Owl3Model, PixelStream
+
+#: Bytes read at a time when hashing a media file.
+HASH_BLOCK = 2**20
+
+
+@dataclass
+class CachedMedium:
+    """One image or video as a prompt sees it: its expanded placeholder text and its views' features."""
+
+    placeholder: str
+    features: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.features.numel() * self.features.element_size()
+
+
+@dataclass
+class MediumInput:
+    """One medium of a request, in prompt order: found in the cache (`features`) or decoded now (`pixels`
+    `[views, 3, S, S]`, to be encoded and kept under `key`)."""
+
+    key: str
+    placeholder: str
+    features: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
+
+    @property
+    def views(self) -> int:
+        return (self.features if self.features is not None else self.pixels).shape[0]  # type: ignore[union-attr]
+
+
+def media_key(source: bytes | Path, settings: tuple) -> str:
+    """SHA-256 of the medium's bytes (a file is read in blocks) and of the `settings` that change its views."""
+    digest = hashlib.sha256(repr(settings).encode())
+    if isinstance(source, bytes):
+        digest.update(source)
+    else:
+        with open(source, "rb") as f:
+            while block := f.read(HASH_BLOCK):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+class MediaCache:
+    """Least-recently-used features of media, at most `max_bytes` in all (0 keeps nothing). Thread-safe:
+    requests look media up in worker threads, the scheduler thread stores what it encoded."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, CachedMedium] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> CachedMedium | None:
+        """The entry under `key` (now the most recently used), counting a hit or a miss."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry
+
+    def put(self, key: str, entry: CachedMedium) -> None:
+        """Keep `entry`, dropping the least recently used ones until it fits (one larger than the whole
+        cache is not kept)."""
+        if entry.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            while self._entries and self._bytes + entry.nbytes > self.max_bytes:
+                self._bytes -= self._entries.popitem(last=False)[1].nbytes
+            self._entries[key] = entry
+            self._bytes += entry.nbytes
+
+    def feature_stream(self, model: Owl3Model, media: list[MediumInput], chunk_size: int | None = None) -> PixelStream:
+        """The features of `media` in prompt order as a `PixelStream` for the model: cached ones as they
+        are, decoded ones encoded now (`chunk_size` views at a time) and kept for later requests.
+        Call it where the model runs (the scheduler thread)."""
+        chunks = []
+        for medium in media:
+            if medium.features is None:
+                assert medium.pixels is not None
+                features = model.encode_images(medium.pixels, chunk_size or model.visual_options.chunk_size)
+                stored = features.to("cpu")
+                self.put(medium.key, CachedMedium(medium.placeholder, stored.pin_memory() if features.is_cuda else stored))
+                chunks.append(features)
+            else:
+                chunks.append(medium.features)
+        return PixelStream(sum(c.shape[0] for c in chunks), chunks)
