@@ -139,6 +139,11 @@ def process(
                 videos.append(load_checked_video(source, len(videos), processor.video_fps, part.max_frames, settings, part.sampling, processor.image_size))
                 check_frames(sum(len(clip) for clip in videos), settings)
         return processor(messages, images=images, videos=videos)
+    texts = [message_text(message) for message in messages]
+    found = [match.group(0) for text in texts for match in MEDIA_PATTERN.finditer(text)]
+    wanted = [IMAGE_TOKEN if part.kind == "image" else VIDEO_TOKEN for part in media]
+    if found != wanted:  # a placeholder typed into a text part
+        raise PromptError(f"the messages hold {len(found)} media placeholder(s) for {len(wanted)} image or video part(s)")
     inputs: list[MediumInput] = []
     images = videos = frames = 0
     for part, source in zip(media, sources):
@@ -164,11 +169,6 @@ def process(
             frames += medium.views
             check_frames(frames, settings)
         inputs.append(medium)
-    texts = [message_text(message) for message in messages]
-    found = [match.group(0) for text in texts for match in MEDIA_PATTERN.finditer(text)]
-    wanted = [IMAGE_TOKEN if part.kind == "image" else VIDEO_TOKEN for part in media]
-    if found != wanted:  # a placeholder typed into a text part
-        raise PromptError(f"the messages hold {len(found)} media placeholder(s) for {len(wanted)} image or video part(s)")
     placeholders = iter(inputs)
     expanded = [
         {"role": message["role"], "content": MEDIA_PATTERN.sub(lambda _: next(placeholders).placeholder, text)}
