@@ -2,18 +2,23 @@
 # One device run (about 7 minutes on an H200): CUDA correctness (incl. CUDA-graph decode and 7B bf16 vs fp32),
 # speed against the hardware limits (limits_7b.json), 7b first token against both token-concatenation
 # baselines, and the 2-hour 720p film to first token.
-# Usage (device machine, repo root; .whl carries the PyAV wheel, FILM_DIR a film made by benchmarks/movie.py):
+# Usage (device machine, repo root; .whl carries PyAV, as its wheel or as an installed site folder packed into
+# .whl/*.tar.xz (10 MB smaller); FILM_DIR a film made by benchmarks/movie.py):
 #   bash benchmarks/gpu.sh [OUT_DIR]
 # Dry run on a CPU machine: DRY=1 bash benchmarks/gpu.sh /tmp/out   (tiny presets, no CUDA)
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results}}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1 && ! python3 -c "import av" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+py=${PYTHON:-python3}
+if ! $py -c "import av" 2>/dev/null; then
+  mkdir -p /tmp/site
+  for f in .whl/*.tar.xz; do [ -e "$f" ] && { tar xJf "$f" -C /tmp/site || exit 1; }; done
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  fi
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
-py=${PYTHON:-python3}
 film_dir=${FILM_DIR:-$HOME/.cache/hyperowl/films}
 if [ "${DRY:-0}" = 1 ]; then
   preset=tiny
@@ -24,9 +29,9 @@ else
   speed_args=""
   movie_args="--film-dir $film_dir"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-  timeout 150 $py -m benchmarks.cuda_check 2>&1 | tee "$out/cuda_check.txt"
+  timeout 100 $py -m benchmarks.cuda_check 2>&1 | tee "$out/cuda_check.txt"
 fi
-timeout 150 $py -m benchmarks.gpu_speed --preset $preset --out "$out" $speed_args 2>&1 | tee "$out/gpu_speed_$preset.log"
-timeout 170 $py -m benchmarks.first_token --preset $preset --out "$out" 2>&1 | tee "$out/first_token_$preset.log"
+timeout 140 $py -m benchmarks.gpu_speed --preset $preset --out "$out" $speed_args 2>&1 | tee "$out/gpu_speed_$preset.log"
+timeout 150 $py -m benchmarks.first_token --preset $preset --out "$out" 2>&1 | tee "$out/first_token_$preset.log"
 # The 2-hour 720p film is made once (about 20 min on 2 cores) and reused from --film-dir: carry it in FILM_DIR.
-timeout 240 $py -m benchmarks.movie --preset $preset --out "$out" $movie_args 2>&1 | tee "$out/movie_$preset.log"
+timeout 170 $py -m benchmarks.movie --preset $preset --out "$out" $movie_args 2>&1 | tee "$out/movie_$preset.log"
