@@ -4,6 +4,7 @@ a variable frame rate, mkv/webm/avi containers, cut-off files and too-large fram
 
 from __future__ import annotations
 
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import av
 import numpy as np
 import pytest
 
+import hyperowl.processing.video as video_module
 from hyperowl.errors import MediaError
 from hyperowl.processing.video import VideoClip, count_sampled_frames, iter_video_chunks, load_video, plan_video
 from tests.media import write_pattern_video
@@ -83,6 +85,10 @@ class _CountingContainer:
         return self
 
     def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self._counts["closed"] = self._counts.get("closed", 0) + 1
         self._container.close()
 
     def __getattr__(self, name):
@@ -98,8 +104,10 @@ class _CountingContainer:
             yield frame
 
 
+@pytest.mark.parametrize("workers", [1, 4])
 @pytest.mark.parametrize("max_frames", [None, 7])
-def test_exact_equals_one_pass_decode(video, max_frames):
+def test_exact_equals_one_pass_decode(video, max_frames, workers, monkeypatch):
+    monkeypatch.setattr(video_module, "DECODE_WORKERS", workers)
     scan = load_video(video, fps=FPS, max_frames=max_frames, sampling="scan", progress=False)
     exact = load_video(video, fps=FPS, max_frames=max_frames, sampling="exact", progress=False)
     assert len(exact) == len(scan) == len(plan_video(video, fps=FPS, max_frames=max_frames)) > 0
@@ -153,6 +161,29 @@ def test_exact_seeks_instead_of_decoding_everything(tmp_path):
     # interval plus the decoder's reordering delay decoded per sample, not the 400 frames.
     assert counts["seeks"] == 4
     assert counts["decoded"] <= 4 * (40 + 4)
+
+
+@pytest.mark.parametrize("sampling", ["exact", "keyframe"])
+def test_parallel_seeking_stops_cleanly_when_the_consumer_stops(tmp_path, monkeypatch, sampling):
+    """Several decode threads, each with its own open file: a consumer that stops after the first
+    chunk leaves no thread running and every file closed."""
+    monkeypatch.setattr(video_module, "DECODE_WORKERS", 3)
+    path = write_pattern_video(tmp_path / "long.mp4", 240, fps=FPS, keyframe_interval=8, b_frames=2)
+    plan = plan_video(path, fps=FPS, max_frames=24, sampling=sampling)
+    counts = {"seeks": 0, "decoded": 0, "opened": 0}
+    opened = plan.open_container
+
+    def open_counted():
+        counts["opened"] += 1
+        return _CountingContainer(opened(), counts)
+
+    plan.open_container = open_counted
+    chunks = plan.chunks(4, progress=False)
+    first = next(chunks)
+    chunks.close()
+    assert len(first) == 4 and first.timestamps == load_video(path, fps=FPS, max_frames=24, sampling=sampling).timestamps[:4]
+    assert 1 < counts["opened"] <= 3 and counts["closed"] == counts["opened"]
+    assert not [t for t in threading.enumerate() if t.name.startswith("hyperowl-decode")]
 
 
 def test_header_that_claims_more_frames_than_the_file_holds(tmp_path):

@@ -47,7 +47,7 @@ def video_pixel_stream(
     plan = plan_video(src, fps=fps, max_frames=max_frames, sampling=sampling)
 
     def chunks() -> Iterator[torch.Tensor]:
-        for clip in plan.chunks(chunk_size, progress=False):
+        for clip in plan.chunks(chunk_size, progress=False, frame_size=image_size):
             pixels = image_to_tensor(clip.frames, image_size)
             yield pixels.pin_memory() if pin_memory else pixels
 
