@@ -2,7 +2,8 @@
 chunked encoding, blocked cross-attention (mem-efficient/flash kernels on the GPU), pinned-CPU
 offload, fp8/bf16 visual K/V storage, bf16 model, greedy generation, CUDA-graph decode steps against
 eager ones; then the 7B-shaped model in bf16 against the same model in fp32 (greedy tokens on random
-prompts with images). Exit code 1 on any failure.
+prompts with images and on text-only prompts, where transformers' Qwen2 with the same weights runs beside
+it as a peer; every first difference is checked for a near tie). Exit code 1 on any failure.
 
     python -m benchmarks.cuda_check [--parity-prompts 10 --parity-tokens 32]
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -72,34 +75,120 @@ def graph_matches_eager(model: Owl3ForCausalLM, inputs: dict[str, torch.Tensor],
     return worst, same
 
 
-def parity_7b(prompts: int, tokens: int, frames: int = 4) -> tuple[int, list[int]]:
-    """The 7B-shaped random model in bf16 against itself in fp32 (TF32 off), both on the GPU: for each
-    random prompt with `frames` random frames, how many of the first `tokens` greedy tokens agree before
-    the first difference. Returns (prompts agreeing on all tokens, agreeing prefix per prompt)."""
-    config = copy.deepcopy(PRESETS["7b"])
+@dataclass
+class Parity:
+    """bf16 against fp32 greedy decoding on random prompts: per prompt, how many of the first `tokens`
+    greedy tokens agree before the first difference, and at that difference the fp32 logit margin
+    between the two picks against the largest |bf16 - fp32| logit difference of that step (a margin
+    below the error is a near tie that any bf16 rounding may flip)."""
+
+    tokens: int
+    prefixes: list[int] = field(default_factory=list)
+    margins: list[tuple[float, float]] = field(default_factory=list)
+
+    @property
+    def agree(self) -> int:
+        return sum(p == self.tokens for p in self.prefixes)
+
+    def near_ties(self) -> int:
+        return sum(margin < error for margin, error in self.margins)
+
+    def line(self) -> str:
+        ties = f"{self.near_ties()} of {len(self.margins)} first differences are near ties" if self.margins else "no difference"
+        worst = max((m for m, _ in self.margins), default=0.0)
+        return (
+            f"{self.agree}/{len(self.prefixes)} prompts agree on all {self.tokens} tokens (agreeing prefix per prompt: "
+            f"{self.prefixes}); {ties} (largest margin at a difference {worst:.3f})"
+        )
+
+
+def compare(
+    parity: Parity,
+    generate: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+    last_logits: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+    fp32: torch.nn.Module,
+    bf16: torch.nn.Module,
+    ids: torch.Tensor,
+) -> None:
+    """Greedy `parity.tokens` tokens after `ids` `[1, T]` from both models; at the first difference, the
+    margin analysis of `Parity` on the shared prefix."""
+    outs = [generate(m, ids)[0].cpu() for m in (fp32, bf16)]
+    differ = (outs[0] != outs[1]).nonzero()
+    if not len(differ):
+        parity.prefixes.append(parity.tokens)
+        return
+    first = int(differ[0])
+    parity.prefixes.append(first)
+    prefix = torch.cat([ids[0].cpu(), outs[0][:first]])[None].to(ids.device)
+    exact, rounded = (last_logits(m, prefix).float() for m in (fp32, bf16))
+    margin = float(exact[outs[0][first]] - exact[outs[1][first]])
+    parity.margins.append((margin, float((exact - rounded).abs().max())))
+
+
+def parity_7b(prompts: int, tokens: int, frames: int = 4, preset: str = "7b", device: str = "cuda") -> dict[str, Parity]:
+    """The 7B-shaped random model in bf16 against itself in fp32 (TF32 off), both on the GPU, on random
+    prompts with `frames` random frames and on text-only prompts; and, as a peer on the same text-only
+    prompts and the same language-model weights, transformers' `Qwen2ForCausalLM` in bf16 against fp32."""
+    from transformers import Qwen2ForCausalLM
+
+    config = copy.deepcopy(PRESETS[preset])
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         fp32 = Owl3ForCausalLM(config).eval()
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     g = torch.Generator().manual_seed(7)
     size = config.vision_config.image_size
-    prefixes = []
+    results = {name: Parity(tokens) for name in ("hyperowl, frames", "hyperowl, text", "transformers Qwen2, text")}
+    texts = []
     for _ in range(prompts):
-        ids = torch.randint(100, 150000, (1, 24 + frames), generator=g)
+        ids = torch.randint(100, min(150000, config.vocab_size), (1, 24 + frames), generator=g)
+        texts.append(ids[:, frames:].to(device))
         ids[0, 8 : 8 + frames] = IMG
-        is_img = ids == IMG
-        seen = torch.cumsum(is_img, 1) - is_img.long()
-        batch = {"input_ids": ids.cuda(), "media_offset": torch.stack([torch.zeros_like(seen), seen], -1).cuda()}
         pixels = torch.randn(frames, 3, size, size, generator=g)
-        outs = [
-            m.generate(**batch, pixel_values=pixels.to(m.dtype), max_new_tokens=tokens, stop_token_ids=[]).sequences[0].cpu()
-            for m in (fp32, bf16)
-        ]
-        differ = (outs[0] != outs[1]).nonzero()
-        prefixes.append(int(differ[0]) if len(differ) else tokens)
-    del fp32, bf16
-    torch.cuda.empty_cache()
-    return sum(p == tokens for p in prefixes), prefixes
+
+        def offsets(ids: torch.Tensor) -> torch.Tensor:
+            is_img = ids == IMG
+            seen = torch.cumsum(is_img, 1) - is_img.long()
+            return torch.stack([torch.zeros_like(seen), seen], -1)
+
+        def owl_generate(m: torch.nn.Module, ids: torch.Tensor, pixels: torch.Tensor = pixels) -> torch.Tensor:
+            out = m.generate(input_ids=ids, media_offset=offsets(ids), pixel_values=pixels.to(m.dtype), max_new_tokens=tokens, stop_token_ids=[])
+            return out.sequences
+
+        def owl_logits(m: torch.nn.Module, ids: torch.Tensor, pixels: torch.Tensor = pixels) -> torch.Tensor:
+            return m(ids, media_offset=offsets(ids), pixel_values=pixels.to(m.dtype), logits_to_keep=1).logits[0, -1]
+
+        compare(results["hyperowl, frames"], owl_generate, owl_logits, fp32, bf16, ids.to(device))
+    for ids in texts:
+        compare(
+            results["hyperowl, text"],
+            lambda m, ids: m.generate(input_ids=ids, max_new_tokens=tokens, stop_token_ids=[]).sequences,
+            lambda m, ids: m(ids, logits_to_keep=1).logits[0, -1],
+            fp32,
+            bf16,
+            ids,
+        )
+    hf_config = config.to_transformers(tie_word_embeddings=False)
+    with torch.device(device):
+        hf32 = Qwen2ForCausalLM(hf_config).eval()
+    state = {k.removeprefix("language_model."): v for k, v in fp32.state_dict().items() if k.startswith("language_model.")}
+    missing, _ = hf32.load_state_dict(state, strict=False)  # hyper-layer extras are left over
+    assert not missing, missing
+    del fp32, bf16, state
+    hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
+    for ids in texts:
+        compare(
+            results["transformers Qwen2, text"],
+            lambda m, ids: m.generate(ids, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=0)[:, ids.shape[1] :],
+            lambda m, ids: m(ids).logits[0, -1],
+            hf32,
+            hf16,
+            ids,
+        )
+    del hf32, hf16
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,13 +243,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         gpu.float()
     if args.parity_prompts:
-        agree, prefixes = parity_7b(args.parity_prompts, args.parity_tokens)
-        ok = agree >= 0.9 * args.parity_prompts
-        failures += not ok
-        print(
-            f"{'PASS' if ok else 'FAIL'} 7b bf16 vs fp32 greedy tokens: {agree}/{args.parity_prompts} prompts agree on all "
-            f"{args.parity_tokens} tokens (agreeing prefix per prompt: {prefixes})"
-        )
+        for name, parity in parity_7b(args.parity_prompts, args.parity_tokens).items():
+            ok = parity.agree >= 0.9 * args.parity_prompts
+            failures += not ok and name.startswith("hyperowl")
+            verdict = ("PASS" if ok else "FAIL") if name.startswith("hyperowl") else "PEER"
+            print(f"{verdict} 7b bf16 vs fp32 greedy tokens, {name}: {parity.line()}", flush=True)
     print("cuda_check:", "all passed" if not failures else f"{failures} failed")
     return 1 if failures else 0
 

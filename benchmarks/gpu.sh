@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device run (about 7 minutes on an H200): CUDA correctness (incl. CUDA-graph decode and 7B bf16 vs fp32),
-# speed against the hardware limits (limits_7b.json), 7b first token against both token-concatenation
-# baselines, and the 2-hour 720p film to first token.
+# speed against the hardware limits (limits_7b.json), kernel variants (gpu_kernels_7b), 7b first token against
+# both token-concatenation baselines, and the 2-hour 720p film to first token.
 # Usage (device machine, repo root; .whl carries PyAV, as its wheel or as an installed site folder packed into
 # .whl/*.tar.xz (10 MB smaller); FILM_DIR a film made by benchmarks/movie.py):
 #   bash benchmarks/gpu.sh [OUT_DIR]
@@ -20,18 +20,25 @@ if ! $py -c "import av" 2>/dev/null; then
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 film_dir=${FILM_DIR:-$HOME/.cache/hyperowl/films}
+# STAGES picks a subset (a rerun of what changed): cuda_check gpu_speed gpu_kernels first_token movie
+stages=" ${STAGES:-cuda_check gpu_speed gpu_kernels first_token movie} "
+want() { [[ "$stages" == *" $1 "* ]]; }
 if [ "${DRY:-0}" = 1 ]; then
   preset=tiny
   speed_args="--frames 8 --tokens 8 --rounds 1 --chunks 4 8"
+  kernel_args="--frames 8 --vision-frames 4 --rounds 1 --no-compile"
   movie_args="--seconds 600 --frames 50 --film-dir /tmp/hyperowl_dry_films"
 else
   preset=7b
   speed_args=""
+  kernel_args=""
   movie_args="--film-dir $film_dir"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-  timeout 100 $py -m benchmarks.cuda_check 2>&1 | tee "$out/cuda_check.txt"
+  want cuda_check && timeout 150 $py -m benchmarks.cuda_check 2>&1 | tee "$out/cuda_check.txt"
 fi
-timeout 140 $py -m benchmarks.gpu_speed --preset $preset --out "$out" $speed_args 2>&1 | tee "$out/gpu_speed_$preset.log"
-timeout 150 $py -m benchmarks.first_token --preset $preset --out "$out" 2>&1 | tee "$out/first_token_$preset.log"
+want gpu_speed && timeout 140 $py -m benchmarks.gpu_speed --preset $preset --out "$out" $speed_args 2>&1 | tee "$out/gpu_speed_$preset.log"
+want gpu_kernels && timeout 150 $py -m benchmarks.gpu_kernels --preset $preset --out "$out" $kernel_args 2>&1 | tee "$out/gpu_kernels_$preset.log"
+want first_token && timeout 150 $py -m benchmarks.first_token --preset $preset --out "$out" 2>&1 | tee "$out/first_token_$preset.log"
 # The 2-hour 720p film is made once (about 20 min on 2 cores) and reused from --film-dir: carry it in FILM_DIR.
-timeout 170 $py -m benchmarks.movie --preset $preset --out "$out" $movie_args 2>&1 | tee "$out/movie_$preset.log"
+want movie && timeout 170 $py -m benchmarks.movie --preset $preset --out "$out" $movie_args 2>&1 | tee "$out/movie_$preset.log"
+exit 0

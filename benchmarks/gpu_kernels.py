@@ -1,0 +1,367 @@
+"""Kernel variants side by side on one GPU, for the two places a 7B decode and a long video spend their time.
+
+1. Decode attention of one token over the visual K/V of `--frames` frames (one hyper layer, 7B shapes: 28 query
+   heads, 4 kv heads, 128 dims, 729 keys per frame): hyperowl's two matrix products, a split-K (flash-decoding)
+   form of them, and PyTorch's fused kernels (flash, cuDNN, memory-efficient) on the folded GQA queries. Each is
+   captured in a CUDA graph and replayed, variants interleaved round by round; error against an fp32 reference;
+   bandwidth = K + V bytes over time.
+2. The SigLIP tower on a chunk of `--vision-frames` frames: eager (hyperowl), cuDNN attention, one fused QKV
+   product, each layer compiled with `torch.compile` (compile time reported apart); TFLOP/s against a bf16
+   8192^3 matrix product measured in the same run.
+3. Where one decode step's device time goes at `--frames` frames (eager step under the profiler, kernels summed by
+   name; a CUDA-graph replay runs the same kernels without the host gaps).
+
+Writes `<out>/gpu_kernels_<preset>.{md,json}`.
+
+    python -m benchmarks.gpu_kernels --preset 7b                    # on a GPU
+    python -m benchmarks.gpu_kernels --preset tiny --frames 8 --vision-frames 4 --no-compile   # CPU dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from benchmarks.common import PRESETS_BENCH, machine, owl3_batch, random_frames, random_owl3, synchronize
+from hyperowl.engine.generate import DecodeStep, prefill
+from hyperowl.model.decoder import few_query_attention, fold_groups, unfold_groups
+from hyperowl.model.vision import SiglipAttention, SiglipVisionTower
+
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def split_k_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, splits: int) -> torch.Tensor:
+    """Flash-decoding with matrix products: the keys in `splits` equal slices, each slice's softmax
+    statistics (max, sum) in fp32, then the slices' outputs combined exactly. `q` `[B, h, L, d]`, `k`, `v`
+    `[B, g, N, d]` with `N % splits == 0` -> `[B, h, L, d]`."""
+    b, h, _, d = q.shape
+    g, n = k.shape[1], k.shape[2]
+    groups = h // g
+    folded = fold_groups(q, groups)[:, :, None]  # [B, g, 1, R, d]
+    keys, values = k.view(b, g, splits, n // splits, d), v.view(b, g, splits, n // splits, d)
+    scores = torch.matmul(folded, keys.transpose(-1, -2)).float() * d**-0.5  # [B, g, S, R, n/S]
+    peak = scores.amax(-1, keepdim=True)
+    probs = torch.exp(scores - peak)
+    total = probs.sum(-1, keepdim=True)
+    out = torch.matmul(probs.to(v.dtype), values).float()  # [B, g, S, R, d]
+    weight = torch.exp(peak - peak.amax(2, keepdim=True))
+    out = (out * weight).sum(2) / (total * weight).sum(2)
+    return unfold_groups(out.to(v.dtype), groups)
+
+
+def folded_sdpa(backend: SDPBackend) -> Attention:
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        groups = q.shape[1] // k.shape[1]
+        with sdpa_kernel(backend):
+            return unfold_groups(F.scaled_dot_product_attention(fold_groups(q, groups), k, v), groups)
+
+    return run
+
+
+def splits_for(n: int, tokens_per_image: int, target: int = 64) -> int:
+    """A number of key slices near `target` that divides `n` (whole frames per slice when possible)."""
+    frames = n // tokens_per_image
+    divisors = [s for s in range(1, frames + 1) if frames % s == 0] or [1]
+    return min(divisors, key=lambda s: abs(s - target))
+
+
+def replay_timer(fn: Callable[[], Any], device: torch.device, calls: int, graph: bool = True) -> Callable[[], float]:
+    """A function returning the seconds per call of `fn`: `calls` calls captured in one CUDA graph and
+    replayed (device time without launch gaps); without `graph` or on a CPU, `calls` plain calls."""
+    if device.type == "cuda" and graph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+
+        def run() -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / calls
+
+        return run
+
+    def run_plain() -> float:
+        synchronize(device)
+        begin = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+        return (time.perf_counter() - begin) / calls
+
+    return run_plain
+
+
+def interleaved(timers: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """Median seconds per call of each timer, the timers alternating round by round."""
+    samples: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            samples[name].append(timer())
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def attention_variants(preset_name: str, device: torch.device, frames: int, rounds: int) -> dict[str, Any]:
+    config = PRESETS_BENCH[preset_name].config
+    dtype = PRESETS_BENCH[preset_name].dtype
+    heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    n = frames * config.vision_config.tokens_per_image
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, heads, 1, d, device=device, dtype=dtype, generator=g)
+    k = torch.randn(1, kv_heads, n, d, device=device, dtype=dtype, generator=g)
+    v = torch.randn(1, kv_heads, n, d, device=device, dtype=dtype, generator=g)
+    q32 = q.float().reshape(1, kv_heads, heads // kv_heads, d)
+    probs = torch.softmax(torch.matmul(q32, k.float().transpose(-1, -2)) * d**-0.5, -1)
+    reference = torch.matmul(probs, v.float()).reshape(1, heads, 1, d)
+    del probs
+    splits = splits_for(n, config.vision_config.tokens_per_image)
+    variants: dict[str, Attention] = {
+        "matmul (hyperowl)": lambda q, k, v: few_query_attention(q, [(k, v, None)]),
+        f"split-K matmul ({splits} slices)": lambda q, k, v: split_k_attention(q, k, v, splits),
+        "SDPA flash (folded GQA)": folded_sdpa(SDPBackend.FLASH_ATTENTION),
+        "SDPA cuDNN (folded GQA)": folded_sdpa(SDPBackend.CUDNN_ATTENTION),
+        "SDPA memory-efficient (folded GQA)": folded_sdpa(SDPBackend.EFFICIENT_ATTENTION),
+    }
+    rows: dict[str, dict[str, Any]] = {}
+    timers = {}
+    for name, fn in variants.items():
+        try:
+            out = fn(q, k, v)
+            rows[name] = {"max_abs_err": float((out.float() - reference).abs().max())}
+            timers[name] = replay_timer(lambda fn=fn: fn(q, k, v), device, calls=10 if device.type == "cuda" else 1)
+        except RuntimeError as exc:  # a backend that does not take these shapes on this device
+            rows[name] = {"error": str(exc).splitlines()[0][:160]}
+        print(f"attention {name}: {rows[name]}", flush=True)
+    kv_bytes = 2 * k.numel() * k.element_size()
+    for name, seconds in interleaved(timers, rounds).items():
+        rows[name].update(us=seconds * 1e6, GBps=kv_bytes / seconds / 1e9)
+        print(f"attention {name}: {seconds * 1e6:.1f} us, {kv_bytes / seconds / 1e9:.0f} GB/s", flush=True)
+    return {"frames": frames, "keys": n, "kv_bytes": kv_bytes, "rows": rows}
+
+
+def fuse_qkv(tower: SiglipVisionTower) -> None:
+    """Give each attention one `[3H, H]` product in place of three (same weights, concatenated)."""
+
+    def forward(self: SiglipAttention, x: torch.Tensor) -> torch.Tensor:
+        n, length, _ = x.shape
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(n, length, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(n, length, -1))
+
+    for layer in tower.encoder.layers:
+        attn = layer.self_attn
+        attn.qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        attn.qkv_bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+        attn.forward = forward.__get__(attn)
+
+
+def matmul_tflops(device: torch.device, size: int = 8192, repeats: int = 10) -> float:
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    timer = replay_timer(lambda: a @ b, device, calls=repeats)
+    return 2 * size**3 / statistics.median(timer() for _ in range(3)) / 1e12
+
+
+def tower_flops(config: Any, frames: int) -> float:
+    """Matrix-product FLOPs of the layers the tower runs (all but the last) for `frames` frames."""
+    v = config.vision_config
+    tokens, hidden = v.tokens_per_image, v.hidden_size
+    per_layer = 2 * tokens * (4 * hidden * hidden + 2 * hidden * v.intermediate_size) + 4 * tokens * tokens * hidden
+    patches = 2 * tokens * hidden * 3 * v.patch_size**2
+    return frames * ((v.num_hidden_layers - 1) * per_layer + patches)
+
+
+def vision_variants(preset_name: str, device: torch.device, frames: int, rounds: int, compile_layers: bool) -> dict[str, Any]:
+    preset = PRESETS_BENCH[preset_name]
+    config = preset.config
+    torch.manual_seed(0)
+    with torch.device(device):
+        eager = SiglipVisionTower(config.vision_config).to(preset.dtype).eval()
+    size = config.vision_config.image_size
+    pixels = torch.randn(frames, 3, size, size, device=device, dtype=preset.dtype)
+    fused = copy.deepcopy(eager)
+    fuse_qkv(fused)
+    reference = eager(pixels).float()
+    variants: dict[str, Callable[[], torch.Tensor]] = {
+        "eager (hyperowl)": lambda: eager(pixels),
+        "cuDNN attention": lambda: cudnn_context(lambda: eager(pixels)),
+        "fused QKV product": lambda: fused(pixels),
+    }
+    compile_s = None
+    if compile_layers:
+        compiled = copy.deepcopy(fused)
+        for layer in compiled.encoder.layers:
+            layer.compile()
+        begin = time.perf_counter()
+        compiled(pixels)
+        synchronize(device)
+        compile_s = time.perf_counter() - begin
+        variants["fused QKV + torch.compile per layer"] = lambda: compiled(pixels)
+    rows: dict[str, dict[str, Any]] = {}
+    timers = {}
+    for name, fn in variants.items():
+        try:
+            out = fn()
+            rows[name] = {"max_rel_err": float((out.float() - reference).abs().max() / reference.abs().max())}
+            timers[name] = replay_timer(fn, device, calls=1, graph=False)  # long calls: launch gaps do not count
+        except RuntimeError as exc:
+            rows[name] = {"error": str(exc).splitlines()[0][:160]}
+        print(f"vision {name}: {rows[name]}", flush=True)
+    flops = tower_flops(config, frames)
+    for name, seconds in interleaved(timers, rounds).items():
+        rows[name].update(s=seconds, TFLOPs=flops / seconds / 1e12)
+        print(f"vision {name}: {seconds * 1e3:.1f} ms, {flops / seconds / 1e12:.0f} TFLOP/s", flush=True)
+    return {"frames": frames, "tflop": flops / 1e12, "compile_s": compile_s, "rows": rows}
+
+
+def cudnn_context(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return fn()
+
+
+def step_profile(preset_name: str, device: torch.device, frames: int, top: int = 15) -> dict[str, Any]:
+    """Device time per kernel name of one eager static-shape decode step (`DecodeStep`, the step a CUDA
+    graph captures), mean over 3 profiled steps; on a CPU, operator self time."""
+    preset = PRESETS_BENCH[preset_name]
+    model = random_owl3(preset.config, preset.dtype, device)
+    model.visual_options.chunk_size = preset.chunk_size
+    frames_in = random_frames(frames, preset.config.vision_config.image_size, preset.dtype, device)
+    logits, cache, visual = prefill(model, **owl3_batch(frames, device), pixel_values=frames_in, extra_tokens=8)
+    step = DecodeStep(model, cache, visual)
+    token = step(logits.argmax(-1)).argmax(-1)
+    synchronize(device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    steps = 3
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            token = step(token).argmax(-1)
+        synchronize(device)
+    attr = "device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    if device.type == "cuda":  # kernels only: operator rows double-count their kernels
+        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(getattr(e, attr) for e in events) / steps
+    rows = sorted(
+        ({"name": e.key[:90], "calls": e.count // steps, "us": getattr(e, attr) / steps} for e in events),
+        key=lambda r: -r["us"],
+    )
+    del model
+    return {"frames": frames, "total_us": total, "kernels": rows[:top]}
+
+
+def markdown(res: dict[str, Any]) -> str:
+    att, vis, prof = res["attention"], res["vision"], res["profile"]
+    lines = [
+        f"## Kernel variants — preset `{res['preset']}`",
+        "",
+        f"Command: `{res['command']}`",
+        "",
+        f"Machine: {res['machine']}; {res['date']}. Random inputs and weights.",
+        "",
+        (
+            f"### Decode attention over the visual K/V of {att['frames']} frames ({att['keys']} keys, one hyper layer, "
+            f"K + V = {att['kv_bytes'] / 1e6:.0f} MB), one CUDA graph of 10 calls replayed, {res['rounds']} rounds interleaved"
+        ),
+        "",
+        "| variant | time per call (us) | K + V read (GB/s) | max abs error vs fp32 |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, r in att["rows"].items():
+        if "error" in r:
+            lines.append(f"| {name} | — | — | not run: {r['error']} |")
+        else:
+            lines.append(f"| {name} | {r['us']:.1f} | {r['GBps']:.0f} | {r['max_abs_err']:.2e} |")
+    lines += [
+        "",
+        (
+            f"### SigLIP tower, {vis['frames']} frames per call ({vis['tflop']:.1f} TFLOP of products); bf16 8192^3 "
+            f"matrix product in the same run: {res['matmul_tflops']:.0f} TFLOP/s"
+        ),
+        "",
+        "| variant | seconds | TFLOP/s | share of the matrix-product rate | max rel. error vs eager |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, r in vis["rows"].items():
+        if "error" in r:
+            lines.append(f"| {name} | — | — | — | not run: {r['error']} |")
+        else:
+            lines.append(
+                f"| {name} | {r['s']:.3f} | {r['TFLOPs']:.0f} | {r['TFLOPs'] / res['matmul_tflops']:.0%} | {r['max_rel_err']:.1e} |"
+            )
+    if vis["compile_s"] is not None:
+        lines += ["", f"Compiling the layers (first call) took {vis['compile_s']:.1f} s."]
+    if "error" in prof:
+        return "\n".join([*lines, "", f"Decode-step profile not taken: {prof['error']}", ""])
+    lines += [
+        "",
+        f"### One eager decode step at {prof['frames']} frames: {prof['total_us'] / 1e3:.2f} ms of device time; the largest kernels",
+        "",
+        "| kernel | calls per step | us per step | share |",
+        "|---|---:|---:|---:|",
+        *(f"| `{r['name']}` | {r['calls']} | {r['us']:.0f} | {r['us'] / prof['total_us']:.0%} |" for r in prof["kernels"]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS_BENCH), default="7b")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--frames", type=int, default=400, help="frames of visual K/V for the decode attention and profile")
+    parser.add_argument("--vision-frames", type=int, default=256, help="frames per vision-tower call")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variant")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    device = torch.device(args.device)
+    res: dict[str, Any] = {
+        "command": shlex.join([Path(sys.executable).name, "-m", "benchmarks.gpu_kernels", *(sys.argv[1:] if argv is None else argv)]),
+        "preset": args.preset,
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "rounds": args.rounds,
+    }
+    res["attention"] = attention_variants(args.preset, device, args.frames, args.rounds)
+    res["matmul_tflops"] = matmul_tflops(device, 8192 if device.type == "cuda" else 512)
+    res["vision"] = vision_variants(args.preset, device, args.vision_frames, args.rounds, not args.no_compile)
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    try:
+        res["profile"] = step_profile(args.preset, device, args.frames)
+    except (RuntimeError, AttributeError) as exc:  # the profiler's event fields differ between releases
+        res["profile"] = {"frames": args.frames, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    text = markdown(res)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"gpu_kernels_{args.preset}.md").write_text(text)
+    (args.out / f"gpu_kernels_{args.preset}.json").write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
