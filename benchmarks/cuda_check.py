@@ -19,6 +19,7 @@ import torch
 
 from hyperowl.config import PRESETS
 from hyperowl.engine.generate import DecodeStep, Owl3ForCausalLM, prefill
+from hyperowl.model import decoder
 from hyperowl.model.owl3 import VisualOptions
 
 IMG = 7
@@ -73,6 +74,32 @@ def graph_matches_eager(model: Owl3ForCausalLM, inputs: dict[str, torch.Tensor],
         a, b = la.argmax(-1), lb.argmax(-1)
         same &= torch.equal(a, b)
     return worst, same
+
+
+def flash_matches_products(model: Owl3ForCausalLM, inputs: dict[str, torch.Tensor], steps: int = 6) -> tuple[float, bool, int]:
+    """Decode steps whose unmasked visual attention takes the flash kernel against the same steps with
+    matrix products only, from one prefill: largest |logit difference|, whether the greedy tokens agree
+    at every step, and how many flash calls the first ones made."""
+    logits, cache, visual = prefill(model, **inputs, extra_tokens=steps + 1)
+    twin_cache, twin_visual = copy.deepcopy(cache), copy.deepcopy(visual)
+    flash_step, product_step = DecodeStep(model, cache, visual), DecodeStep(model, twin_cache, twin_visual)
+    calls = []
+    flash, decodable = decoder.flash_attention_with_lse, decoder.flash_decodable
+    a = b = logits.argmax(-1)
+    worst, same = 0.0, True
+    try:
+        for _ in range(steps):
+            decoder.flash_attention_with_lse = lambda q, k, v: calls.append(1) or flash(q, k, v)
+            la = flash_step(a)
+            decoder.flash_attention_with_lse, decoder.flash_decodable = flash, lambda q, k, mask: False
+            lb = product_step(b)
+            decoder.flash_decodable = decodable
+            worst = max(worst, float((la.float() - lb.float()).abs().max()))
+            a, b = la.argmax(-1), lb.argmax(-1)
+            same &= torch.equal(a, b)
+    finally:
+        decoder.flash_attention_with_lse, decoder.flash_decodable = flash, decodable
+    return worst, same, len(calls)
 
 
 @dataclass
@@ -241,6 +268,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'PASS' if ok else 'FAIL'} {'fused' if fused else 'gated'} {str(dtype)[6:]} CUDA-graph decode == eager: "
                 f"max |logit diff| {worst:.2e} (tol {tol}), greedy tokens {'equal' if same else 'differ'}"
             )
+        gpu.to(torch.bfloat16)
+        one = {k: v[:1].cuda() for k, v in batch(cpu, "cpu").items() if k != "pixel_values"}
+        one["pixel_values"] = batch(cpu, "cpu")["pixel_values"][:9].to(torch.bfloat16)
+        worst, same, calls = flash_matches_products(gpu, one)
+        ok = same and worst <= 5e-2 and calls > 0
+        failures += not ok
+        print(
+            f"{'PASS' if ok else 'FAIL'} {'fused' if fused else 'gated'} bf16 decode, flash visual attention == matrix products: "
+            f"max |logit diff| {worst:.2e} (tol 0.05), greedy tokens {'equal' if same else 'differ'}, {calls} flash calls"
+        )
         gpu.float()
     if args.parity_prompts:
         for name, parity in parity_7b(args.parity_prompts, args.parity_tokens).items():

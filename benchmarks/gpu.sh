@@ -25,7 +25,7 @@ stages=" ${STAGES:-cuda_check gpu_speed gpu_kernels first_token movie} "
 want() { [[ "$stages" == *" $1 "* ]]; }
 if [ "${DRY:-0}" = 1 ]; then
   preset=tiny
-  speed_args="--frames 8 --tokens 8 --rounds 1 --chunks 4 8"
+  speed_args="--frames 8 --tokens 8 --rounds 1 --chunks 4 8 --no-compile"
   kernel_args="--frames 8 --vision-frames 4 --rounds 1 --no-compile"
   movie_args="--seconds 600 --frames 50 --film-dir /tmp/hyperowl_dry_films"
 else

@@ -14,6 +14,7 @@ Writes `<out>/limits_<preset>.json` and `.md`.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -102,13 +103,12 @@ def interleaved(fns: dict[str, Any], rounds: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def vision_rate(model: Owl3ForCausalLM, frames: torch.Tensor, chunk: int) -> float:
+def vision_rate(tower: torch.nn.Module, frames: torch.Tensor, chunk: int, device: torch.device) -> float:
     """Seconds of the vision tower alone over `frames` (host memory) in chunks of `chunk`."""
-    device = model.device
     synchronize(device)
     start = time.perf_counter()
     for i in range(0, frames.shape[0], chunk):
-        model.vision_model(frames[i : i + chunk].to(device, non_blocking=True))
+        tower(frames[i : i + chunk].to(device, non_blocking=True))
     synchronize(device)
     return time.perf_counter() - start
 
@@ -124,7 +124,9 @@ def first_token_s(model: Owl3ForCausalLM, n: int, frames: torch.Tensor) -> float
     return time.perf_counter() - start
 
 
-def run(preset_name: str, device: torch.device, frames: int, tokens: int, rounds: int, chunks: list[int]) -> dict[str, Any]:
+def run(
+    preset_name: str, device: torch.device, frames: int, tokens: int, rounds: int, chunks: list[int], compile_vision: bool = True
+) -> dict[str, Any]:
     torch.set_grad_enabled(False)
     preset = PRESETS_BENCH[preset_name]
     model = random_owl3(preset.config, preset.dtype, device)
@@ -177,13 +179,19 @@ def run(preset_name: str, device: torch.device, frames: int, tokens: int, rounds
     print(f"first token at {frames} frames: {res['first_token_s']:.3f} s", flush=True)
 
     flops = frames * vision_flops_per_image(cfg)
-    vision_fns = {f"chunk {c}": lambda c=c: vision_rate(model, pixels, c) for c in chunks}
+    vision_fns = {f"chunk {c}": lambda c=c: vision_rate(model.vision_model, pixels, c, device) for c in chunks}
+    if compile_vision:
+        compiled = copy.deepcopy(model.vision_model)
+        compiled.compile_layers()
+        vision_fns[f"chunk {chunks[-1]}, compiled layers"] = lambda: vision_rate(compiled, pixels, chunks[-1], device)
     for fn in vision_fns.values():
         fn()
     vision = interleaved(vision_fns, rounds)
     res["vision_s"] = vision
     res["vision_tflop"] = flops / 1e12
-    res["vision_tflop_per_s"] = max(flops / s for s in vision.values()) / 1e12
+    res["vision_tflop_per_s"] = max(flops / s for name, s in vision.items() if "compiled" not in name) / 1e12
+    compiled_s = vision.get(f"chunk {chunks[-1]}, compiled layers")
+    res["vision_tflop_per_s_compiled"] = flops / compiled_s / 1e12 if compiled_s else None
     for name, seconds in vision.items():
         print(f"vision tower {name}: {seconds:.3f} s = {flops / seconds / 1e12:.1f} TFLOP/s", flush=True)
     res[f"first_token_{frames}_s"] = res["first_token_s"]  # the key limits_7b.json names (first_token_400_s)
@@ -233,9 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=64, help="greedy tokens per decode measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--chunks", type=int, nargs="+", default=[64, 128, 256], help="vision-tower chunk sizes")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the compiled vision tower (the last chunk size)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
-    res = run(args.preset, torch.device(args.device), args.frames, args.tokens, args.rounds, args.chunks)
+    res = run(args.preset, torch.device(args.device), args.frames, args.tokens, args.rounds, args.chunks, not args.no_compile)
     res["serve_speedup_32_clients"] = None  # GPU serving with 32 clients is not measured by this script
     text = markdown(res)
     print(text)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hyperowl.engine.generate import DecodeStep, generate, prefill
+from hyperowl.model import decoder
 from tests.test_long_video import many_images_batch
 from tests.tiny import random_model, tiny_config
 
@@ -88,3 +89,43 @@ def test_a_step_that_cannot_be_captured_decodes_eagerly(monkeypatch):
         ours = graphed(token)
     torch.testing.assert_close(ours, DecodeStep(model, twin_cache, twin_visual)(token))
     assert not graphed.use_graph and cache.length == twin_cache.length
+
+
+def cpu_flash(monkeypatch) -> list[int]:
+    """Route unmasked segments of `few_query_attention` through a flash kernel on the CPU (with its
+    log-sum-exp), as unmasked 16-bit segments go on a GPU. Returns the key count of every such call."""
+    calls: list[int] = []
+
+    def flash(q, k, v):
+        calls.append(k.shape[2])
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+
+    monkeypatch.setattr(decoder, "flash_decodable", lambda q, k, mask: mask is None)
+    monkeypatch.setattr(decoder, "flash_attention_with_lse", flash)
+    return calls
+
+
+def test_flash_segments_merge_exactly_with_masked_ones(monkeypatch):
+    """An unmasked segment through the flash kernel, merged by log-sum-exp with a masked segment through
+    the matrix products, equals one softmax over both segments' scores."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, 1, 16, generator=g)
+    visual = (torch.randn(2, 2, 300, 16, generator=g), torch.randn(2, 2, 300, 16, generator=g), None)
+    mask = torch.rand(2, 1, 1, 20, generator=g) > 0.3
+    text = (torch.randn(2, 2, 20, 16, generator=g), torch.randn(2, 2, 20, 16, generator=g), mask)
+    want_both = decoder.few_query_attention(q, [visual, text])
+    want_visual = decoder.few_query_attention(q, [visual])
+    cpu_flash(monkeypatch)
+    torch.testing.assert_close(decoder.few_query_attention(q, [visual, text]), want_both, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(decoder.few_query_attention(q, [visual]), want_visual, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["gated", "fused"])
+def test_generation_with_flash_visual_attention_is_unchanged(monkeypatch, fused):
+    model = random_model(tiny_config(fused_hyper_attention=fused), seed=3)
+    batch = many_images_batch(model, (6,), seed=5)
+    want = generate(model, **batch, max_new_tokens=6, stop_token_ids=[]).sequences
+    calls = cpu_flash(monkeypatch)
+    assert torch.equal(generate(model, **batch, max_new_tokens=6, stop_token_ids=[]).sequences, want)
+    tokens = model.config.vision_config.tokens_per_image
+    assert calls and set(calls) == {6 * tokens}  # decode steps over the visual K/V of the 6 images

@@ -127,39 +127,69 @@ FEW_QUERIES = 4
 SPLIT_KEYS = 4096
 
 
+def flash_decodable(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether keys `k` can be attended with the flash kernel: unmasked, 16-bit on a GPU, `d % 8 == 0`."""
+    d = q.shape[-1]
+    return mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and d % 8 == 0 and d <= 256
+
+
+def flash_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flash kernel's attention `[B, g, R, d]` of `q` `[B, g, R, d]` over `k`, `v` `[B, g, N, d]` and its
+    log-sum-exp `[B, g, R]` (fp32, natural log, scores scaled by `d ** -0.5`)."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+    return out, lse
+
+
 def few_query_attention(
     q: torch.Tensor, segments: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 ) -> torch.Tensor:
     """Softmax attention of a few query heads `q` `[B, h, L, d]` over the keys of every segment
     `(k, v, mask)` together (`k`, `v` `[B, g, N_i, d]`, `mask` `[B, 1, L, N_i]` or None, True = may
-    attend), as matrix products with one fp32 softmax over all the segments' scores -> `[B, h, L, d]`.
+    attend) -> `[B, h, L, d]`; the query heads of one kv head are folded into extra queries of it (GQA
+    without expanding K/V).
 
-    The query heads of one kv head are folded into extra queries of it (GQA without expanding K/V).
-    Decoding against ~1e5-1e6 visual keys: fused attention kernels parallelise over query blocks and
-    heads only (a handful of blocks here) and crawl, and one may plan itself anew for every key
-    length; the products use the whole GPU at a few cheap launches. The scores `[B, g, h/g x L, N]`
-    are small because L is. Segments (the visual K/V and the text cache of a fused hyper layer) are
-    read where they lie: only their scores are concatenated, never their keys.
+    Decoding against ~1e5-1e6 visual keys: an unmasked 16-bit segment on a GPU goes through the flash
+    kernel, whose split-K decoding streams the keys at memory bandwidth (measured: 3.6 TB/s over 400
+    frames on an H200, against 0.86 TB/s for matrix products); its log-sum-exp merges it exactly with the
+    other segments. The others (masked, fp32, CPU) are matrix products with one fp32 softmax over all
+    their scores `[B, g, h/g x L, N]` (small because L is), the long value product split over key slices.
+    Segments (the visual K/V and the text cache of a fused hyper layer) are read where they lie: only
+    their scores are concatenated, never their keys.
     """
     b, h, length, d = q.shape
     g = segments[0][0].shape[1]
     groups = h // g
     folded = fold_groups(q, groups)
-    scores = []
-    for k, _, mask in segments:
-        part = torch.matmul(folded, k.transpose(-1, -2)).float() * d**-0.5
-        if mask is not None:  # scores seen as [B, g, groups, L, N] against the mask [B, 1, 1, L, N]
+    flash = [(k, v) for k, v, mask in segments if flash_decodable(q, k, mask)]
+    rest = [(k, v, mask) for k, v, mask in segments if not flash_decodable(q, k, mask)]
+    parts: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (fp32 output, log-sum-exp or None when alone)
+    for k, v in flash:
+        out, lse = flash_attention_with_lse(folded, k, v)
+        parts.append((out.float(), lse))
+    if rest:
+        scores = []
+        for k, _, mask in rest:
+            part = torch.matmul(folded, k.transpose(-1, -2)).float() * d**-0.5
+            if mask is not None:  # scores seen as [B, g, groups, L, N] against the mask [B, 1, 1, L, N]
+                n = k.shape[2]
+                part = torch.where(mask[:, :, None], part.view(b, g, groups, length, n), float("-inf")).view(part.shape)
+            scores.append(part)
+        joined = scores[0] if len(scores) == 1 else torch.cat(scores, -1)
+        lse = torch.logsumexp(joined, -1) if flash else None
+        probs = torch.softmax(joined, dim=-1) if lse is None else torch.exp(joined - lse[..., None])
+        out = None
+        start = 0
+        for k, v, _ in rest:
             n = k.shape[2]
-            part = torch.where(mask[:, :, None], part.view(b, g, groups, length, n), float("-inf")).view(part.shape)
-        scores.append(part)
-    probs = torch.softmax(scores[0] if len(scores) == 1 else torch.cat(scores, -1), dim=-1)
-    out = None
-    start = 0
-    for k, v, _ in segments:
-        n = k.shape[2]
-        part = weighted_values(probs[..., start : start + n].to(v.dtype), v)
-        out = part if out is None else out + part
-        start += n
+            part = weighted_values(probs[..., start : start + n].to(v.dtype), v)
+            out = part if out is None else out + part
+            start += n
+        parts.append((out, lse))
+    if len(parts) == 1:
+        out = parts[0][0]
+    else:
+        total = torch.logsumexp(torch.stack([lse for _, lse in parts]), 0)
+        out = sum(part * torch.exp(lse - total)[..., None] for part, lse in parts)
     return unfold_groups(out.to(segments[0][1].dtype), groups)
 
 

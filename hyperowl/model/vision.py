@@ -88,6 +88,14 @@ class SiglipVisionTower(nn.Module):
         self.encoder = SiglipEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
+    def compile_layers(self) -> None:
+        """Compile every encoder layer with `torch.compile` (norms, GELU and residual adds fused around the
+        matrix products; one compiled graph serves all layers). On an H200 at 256 frames per call this
+        took the tower from 42% to 50% of the bf16 matrix-product rate, after about 12 s of compiling
+        at the first call; outputs agree with eager ones to bf16 rounding, not bit for bit."""
+        for layer in self.encoder.layers:
+            layer.compile()
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`pixel_values` `[n, 3, S, S]` -> features `[n, tokens_per_image, vision_hidden]` (hidden_states[-2])."""
         x = self.embeddings(pixel_values)
