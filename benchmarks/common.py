@@ -4,11 +4,14 @@ token-concatenation baseline (`hyperowl.baselines.build_baseline`), timers and a
 from __future__ import annotations
 
 import copy
+import json
 import platform
+import statistics
 import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -159,6 +162,25 @@ def decode_start(model: Owl3ForCausalLM, n: int, tokens: int, keep_features: boo
     features = model.encode_images(frames, model.visual_options.chunk_size) if keep_features else None
     positions = [torch.arange(n, device=device) + TEXT_BEFORE + 1]  # MI-Rope: just after each <|image|>
     return DecodeStart(cache, out.visual, out.logits[:, -1].argmax(-1), features, positions)
+
+
+def interleaved(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """Run each function (returning seconds) once per round, in alternating order; the median of each."""
+    results: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            results[name].append(fns[name]())
+    return {name: statistics.median(values) for name, values in results.items()}
+
+
+def write_results(out: Path, stem: str, text: str, res: dict[str, Any]) -> Path:
+    """Print the markdown `text` and write it and `res` as `<out>/<stem>.md` and `.json`; returns the stem path."""
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
+    return out / stem
 
 
 def synchronize(device: torch.device) -> None:

@@ -14,7 +14,6 @@ memory budget. Prints markdown, writes `<out>/first_token_<preset>.{md,json,png}
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from benchmarks.common import (
     random_frames,
     random_owl3,
     synchronize,
+    write_results,
 )
 from hyperowl.baselines import build_baseline, pooled_logits
 from hyperowl.engine.generate import Owl3ForCausalLM
@@ -318,12 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     res = run(PRESETS_BENCH[args.preset], torch.device(args.device), args.max_frames, args.skip_baseline)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"first_token_{args.preset}"
-    text = markdown(res)
-    print(text)
-    stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    stem = write_results(args.out, f"first_token_{args.preset}", markdown(res), res)
     plot(res, stem.with_suffix(".png"))
     return 0
 

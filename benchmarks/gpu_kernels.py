@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shlex
 import statistics
 import sys
@@ -34,7 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.common import PRESETS_BENCH, machine, owl3_batch, random_frames, random_owl3, synchronize
+from benchmarks.common import (
+    PRESETS_BENCH,
+    interleaved,
+    machine,
+    owl3_batch,
+    random_frames,
+    random_owl3,
+    synchronize,
+    write_results,
+)
 from hyperowl.engine.generate import DecodeStep, prefill
 from hyperowl.model.decoder import few_query_attention, fold_groups, unfold_groups
 from hyperowl.model.vision import SiglipAttention, SiglipVisionTower
@@ -111,15 +119,6 @@ def replay_timer(fn: Callable[[], Any], device: torch.device, calls: int, graph:
         return (time.perf_counter() - begin) / calls
 
     return run_plain
-
-
-def interleaved(timers: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
-    """Median seconds per call of each timer, the timers alternating round by round."""
-    samples: dict[str, list[float]] = {name: [] for name in timers}
-    for _ in range(rounds):
-        for name, timer in timers.items():
-            samples[name].append(timer())
-    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def attention_variants(preset_name: str, device: torch.device, frames: int, rounds: int) -> dict[str, Any]:
@@ -273,6 +272,14 @@ def step_profile(preset_name: str, device: torch.device, frames: int, top: int =
     return {"frames": frames, "total_us": total, "kernels": rows[:top]}
 
 
+def variant_rows(rows: dict[str, dict[str, Any]], columns: int, cells: Callable[[dict[str, Any]], list[str]]) -> list[str]:
+    """Table rows `| name | cells... |`; a variant that did not run gets dashes and its error in the last column."""
+    return [
+        f"| {name} | " + " | ".join(["—"] * (columns - 1) + [f"not run: {r['error']}"] if "error" in r else cells(r)) + " |"
+        for name, r in rows.items()
+    ]
+
+
 def markdown(res: dict[str, Any]) -> str:
     att, vis, prof = res["attention"], res["vision"], res["profile"]
     lines = [
@@ -290,11 +297,7 @@ def markdown(res: dict[str, Any]) -> str:
         "| variant | time per call (us) | K + V read (GB/s) | max abs error vs fp32 |",
         "|---|---:|---:|---:|",
     ]
-    for name, r in att["rows"].items():
-        if "error" in r:
-            lines.append(f"| {name} | — | — | not run: {r['error']} |")
-        else:
-            lines.append(f"| {name} | {r['us']:.1f} | {r['GBps']:.0f} | {r['max_abs_err']:.2e} |")
+    lines += variant_rows(att["rows"], 3, lambda r: [f"{r['us']:.1f}", f"{r['GBps']:.0f}", f"{r['max_abs_err']:.2e}"])
     lines += [
         "",
         (
@@ -305,13 +308,10 @@ def markdown(res: dict[str, Any]) -> str:
         "| variant | seconds | TFLOP/s | share of the matrix-product rate | max rel. error vs eager |",
         "|---|---:|---:|---:|---:|",
     ]
-    for name, r in vis["rows"].items():
-        if "error" in r:
-            lines.append(f"| {name} | — | — | — | not run: {r['error']} |")
-        else:
-            lines.append(
-                f"| {name} | {r['s']:.3f} | {r['TFLOPs']:.0f} | {r['TFLOPs'] / res['matmul_tflops']:.0%} | {r['max_rel_err']:.1e} |"
-            )
+    peak = res["matmul_tflops"]
+    lines += variant_rows(
+        vis["rows"], 4, lambda r: [f"{r['s']:.3f}", f"{r['TFLOPs']:.0f}", f"{r['TFLOPs'] / peak:.0%}", f"{r['max_rel_err']:.1e}"]
+    )
     if vis["compile_s"] is not None:
         lines += ["", f"Compiling the layers (first call) took {vis['compile_s']:.1f} s."]
     if "error" in prof:
@@ -355,11 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         res["profile"] = step_profile(args.preset, device, args.frames)
     except (RuntimeError, AttributeError) as exc:  # the profiler's event fields differ between releases
         res["profile"] = {"frames": args.frames, "error": f"{type(exc).__name__}: {exc}"[:300]}
-    text = markdown(res)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"gpu_kernels_{args.preset}.md").write_text(text)
-    (args.out / f"gpu_kernels_{args.preset}.json").write_text(json.dumps(res, indent=1) + "\n")
+    write_results(args.out, f"gpu_kernels_{args.preset}", markdown(res), res)
     return 0
 
 

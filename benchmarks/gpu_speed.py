@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -24,7 +23,16 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import PRESETS_BENCH, machine, owl3_batch, random_frames, random_owl3, synchronize
+from benchmarks.common import (
+    PRESETS_BENCH,
+    interleaved,
+    machine,
+    owl3_batch,
+    random_frames,
+    random_owl3,
+    synchronize,
+    write_results,
+)
 from hyperowl.config import Owl3Config
 from hyperowl.engine.generate import Owl3ForCausalLM, generate, prefill, stream_tokens
 from hyperowl.engine.memory import visual_kv_bytes_per_image
@@ -90,16 +98,6 @@ def forward_decode_rate(model: Owl3ForCausalLM, batch: dict[str, Any], tokens: i
         token.tolist()
         stamps.append(time.perf_counter())
     return (len(stamps) - 2) / (stamps[-1] - stamps[1])
-
-
-def interleaved(fns: dict[str, Any], rounds: int) -> dict[str, float]:
-    """Run each function once per round, in alternating order; the median of each."""
-    results: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            results[name].append(fns[name]())
-    return {name: statistics.median(values) for name, values in results.items()}
 
 
 @torch.no_grad()
@@ -246,11 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     res = run(args.preset, torch.device(args.device), args.frames, args.tokens, args.rounds, args.chunks, not args.no_compile)
     res["serve_speedup_32_clients"] = None  # GPU serving with 32 clients is not measured by this script
-    text = markdown(res)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"limits_{args.preset}.md").write_text(text)
-    (args.out / f"limits_{args.preset}.json").write_text(json.dumps(res, indent=1) + "\n")
+    write_results(args.out, f"limits_{args.preset}", markdown(res), res)
     return 0
 
 

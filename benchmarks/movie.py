@@ -16,7 +16,6 @@ B-frames; ~22 MB; cached in ``--film-dir`` and reused), then measures, in one ru
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -29,7 +28,17 @@ import av
 import numpy as np
 import torch
 
-from benchmarks.common import PRESETS_BENCH, TEXT_AFTER, TEXT_BEFORE, machine, owl3_batch, random_owl3, synchronize, timed
+from benchmarks.common import (
+    PRESETS_BENCH,
+    TEXT_AFTER,
+    TEXT_BEFORE,
+    machine,
+    owl3_batch,
+    random_owl3,
+    synchronize,
+    timed,
+    write_results,
+)
 from hyperowl.engine.longvideo import video_pixel_stream
 from hyperowl.processing.video import plan_video
 
@@ -252,10 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
     )
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"movie_{preset.name}.md").write_text(text)
-    (args.out / f"movie_{preset.name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    write_results(args.out, f"movie_{preset.name}", text, res)
     return 0
 
 
