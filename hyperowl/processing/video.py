@@ -462,8 +462,8 @@ def _seek_groups(plan: VideoPlan, index: FrameIndex) -> list[list[int]]:
 def _seeked(plan: VideoPlan, index: FrameIndex, frame_size: int | None) -> Iterator[tuple[Image.Image, float]]:
     """The sampled frames reached by seeking, in order. Runs of targets (:func:`_seek_groups`) are
     decoded and converted by up to :data:`DECODE_WORKERS` threads (PyAV and PIL release the GIL while
-    they work), each holding its own container; at most two runs per thread are decoded ahead of the
-    consumer, so memory stays bounded."""
+    they work), each holding its own container; at most two frames per thread (or one run, if longer) are
+    decoded ahead of the consumer, so memory stays bounded whatever the frame size."""
     groups = _seek_groups(plan, index)
     workers = max(1, min(DECODE_WORKERS, len(groups)))
     local = threading.local()
@@ -486,16 +486,17 @@ def _seeked(plan: VideoPlan, index: FrameIndex, frame_size: int | None) -> Itera
 
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hyperowl-decode")
     try:
-        pending: collections.deque[Future[list[tuple[Image.Image, float]]]] = collections.deque()
-        todo = iter(groups)
-        for group in itertools.islice(todo, 2 * workers):
-            pending.append(pool.submit(decode, group))
-        while pending:
-            done = pending.popleft().result()
-            group = next(todo, None)
-            if group is not None:
-                pending.append(pool.submit(decode, group))
-            yield from done
+        pending: collections.deque[tuple[int, Future[list[tuple[Image.Image, float]]]]] = collections.deque()
+        in_flight = 0  # frames decoded or being decoded and not yet handed on
+        for group in groups:
+            while pending and in_flight + len(group) > 2 * workers:
+                size, future = pending.popleft()
+                in_flight -= size
+                yield from future.result()
+            pending.append((len(group), pool.submit(decode, group)))
+            in_flight += len(group)
+        for _, future in pending:
+            yield from future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         for container in opened:
