@@ -178,11 +178,16 @@ def test_parallel_seeking_stops_cleanly_when_the_consumer_stops(tmp_path, monkey
         return _CountingContainer(opened(), counts)
 
     plan.open_container = open_counted
+    converted = []
+    convert = video_module._converted
+    monkeypatch.setattr(video_module, "_converted", lambda *a: (converted.append(1) or item for item in convert(*a)))
     chunks = plan.chunks(4, progress=False)
     first = next(chunks)
     chunks.close()
+    converted_before_stop = len(converted)
     assert len(first) == 4 and first.timestamps == load_video(path, fps=FPS, max_frames=24, sampling=sampling).timestamps[:4]
     assert 1 < counts["opened"] <= 3 and counts["closed"] == counts["opened"]
+    assert converted_before_stop <= 4 + 2 * 3  # the chunk handed on, and at most two frames per thread ahead of it
     assert not [t for t in threading.enumerate() if t.name.startswith("hyperowl-decode")]
 
 
