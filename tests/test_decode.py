@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from hyperowl.engine import batching
 from hyperowl.engine.generate import DecodeStep, generate, prefill
 from hyperowl.model import decoder
 from tests.test_long_video import many_images_batch
@@ -129,3 +130,56 @@ def test_generation_with_flash_visual_attention_is_unchanged(monkeypatch, fused)
     assert torch.equal(generate(model, **batch, max_new_tokens=6, stop_token_ids=[]).sequences, want)
     tokens = model.config.vision_config.tokens_per_image
     assert calls and set(calls) == {6 * tokens}  # decode steps over the visual K/V of the 6 images
+
+
+class RecordingStep(DecodeStep):
+    """An eager `DecodeStep` that records how it was made and, when made for a graph, refuses to grow
+    the cache as a graph must."""
+
+    made: list[tuple[bool, int]] = []
+
+    def __init__(self, model, cache, visual, graph=False):
+        super().__init__(model, cache, visual)
+        self.graphed = graph
+        RecordingStep.made.append((graph, cache.capacity - cache.length))
+
+    def __call__(self, tokens):
+        if self.graphed and self.cache.length >= self.cache.capacity:
+            raise RuntimeError("a graphed step ran out of cache columns")
+        return super().__call__(tokens)
+
+
+def test_decode_batch_graphs_settled_rows_with_room_reserved(monkeypatch):
+    """Rows joining at steps 0, 1 and 7 and leaving when done: eager steps after every change, a
+    graphed step once the rows were unchanged for `graph_after` steps, with the room the rows still
+    need reserved first; every request gets the tokens `generate` gives it alone."""
+    monkeypatch.setattr(batching, "DecodeStep", RecordingStep)
+    RecordingStep.made = []
+    model = random_model(tiny_config(fused_hyper_attention=False), seed=3)
+    requests = [(many_images_batch(model, (n,), seed=n), at, tokens) for n, at, tokens in [(3, 0, 12), (0, 1, 6), (5, 7, 9)]]
+    for batch_in, _, _ in requests:
+        if batch_in["pixel_values"].shape[0] == 0:
+            batch_in["pixel_values"] = None
+    expected = [generate(model, **b, max_new_tokens=t, stop_token_ids=[]).sequences[0].tolist() for b, _, t in requests]
+    batch, rows, got = batching.DecodeBatch(model, graph_after=2, graphs=True), [], {}
+    with torch.no_grad():
+        for step in range(30):
+            for index, (inputs, at, _) in enumerate(requests):
+                if at == step:
+                    logits, cache, visual = prefill(model, **inputs)
+                    batch.join(cache, visual)
+                    rows.append((index, [int(logits[0].argmax())]))
+            if rows:
+                room = max(requests[index][2] - len(ids) for index, ids in rows)
+                logits = batch.step(torch.tensor([ids[-1] for _, ids in rows]), room=room)
+                for i, (_, ids) in enumerate(rows):
+                    ids.append(int(logits[i].argmax()))
+            keep = [i for i, (index, ids) in enumerate(rows) if len(ids) < requests[index][2]]
+            got.update({index: ids for index, ids in rows if len(ids) >= requests[index][2]})
+            rows = [rows[i] for i in keep]
+            batch.keep(keep)
+    assert [got[i] for i in range(len(requests))] == expected
+    graphed = [room for graph, room in RecordingStep.made if graph]
+    assert graphed and all(room > 0 for room in graphed)
+    # eager after each change: join, join, leave (row 1 done), join, leave (row 0), leave (row 2)
+    assert [graph for graph, _ in RecordingStep.made].count(False) >= 5

@@ -4,6 +4,11 @@ A `DecodeBatch` holds one text KV cache and one `VisualKV` for all running rows.
 images gets an empty visual row (`num_images = 0`, zero-length K/V padded with zeros by
 `VisualKV.concat`), which the model treats as "sees no image"; when no running row has an image
 left, the batch drops its visual K/V altogether.
+
+On a GPU, once the rows have stayed the same for `graph_after` steps, the batch reserves the room its
+rows may still need and replays its decode step from a CUDA graph (`DecodeStep`); a join or a leave
+goes back to eager steps until the rows settle again, so a burst of arrivals does not pay a capture
+for every change.
 """
 
 from __future__ import annotations
@@ -50,11 +55,17 @@ class DecodeBatch:
     rows, `step` runs one decode forward for every row and returns the next-token logits.
     """
 
-    def __init__(self, model: Owl3Model) -> None:
+    def __init__(self, model: Owl3Model, graph_after: int = 4, graphs: bool | None = None) -> None:
+        """`graph_after`: steps with unchanged rows before the step is captured in a CUDA graph;
+        `graphs`: whether to capture at all (None: when the model is on a CUDA device)."""
         self.model = model
         self.cache: TextKVCache | None = None
         self.visual: VisualKV | None = None
         self._step: DecodeStep | None = None  # for the current rows; rebuilt when they change
+        self.graph_after = graph_after
+        self.graphs = model.device.type == "cuda" if graphs is None else graphs
+        self._steady = 0  # steps since the rows last changed
+        self._graphed = False  # whether `_step` was made to replay a graph
 
     @property
     def size(self) -> int:
@@ -62,7 +73,7 @@ class DecodeBatch:
 
     def join(self, cache: TextKVCache, visual: VisualKV | None) -> None:
         """Append the rows of a prefilled `cache` (with `visual`, or None when it has no images)."""
-        self._step = None
+        self._step, self._steady, self._graphed = None, 0, False
         if self.cache is None:
             self.cache, self.visual = cache, visual
             return
@@ -73,7 +84,7 @@ class DecodeBatch:
         """Keep only `rows` (indices into the current rows, in order)."""
         if self.cache is None or rows == list(range(self.size)):
             return
-        self._step = None
+        self._step, self._steady, self._graphed = None, 0, False
         if not rows:
             self.cache = self.visual = None
             return
@@ -82,10 +93,16 @@ class DecodeBatch:
             visual = self.visual.select(rows)
             self.visual = visual if bool(visual.num_images.any()) else None
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row (`[B]`) and return the next-token logits `[B, vocab]`."""
+    def step(self, tokens: torch.Tensor, room: int | None = None) -> torch.Tensor:
+        """Feed one token per row (`[B]`) and return the next-token logits `[B, vocab]` (with a graph:
+        a buffer the next step overwrites). `room`: the most tokens any row may still take, this one
+        included; without it the step is never graphed (a graph cannot grow the cache)."""
         if self.cache is None:
             raise RuntimeError("step() on an empty batch")
         if self._step is None:
             self._step = DecodeStep(self.model, self.cache, self.visual)
+        elif self.graphs and room is not None and not self._graphed and self._steady >= self.graph_after:
+            self.cache.reserve(room)
+            self._step, self._graphed = DecodeStep(self.model, self.cache, self.visual, graph=True), True
+        self._steady += 1
         return self._step(tokens.to(self.model.device))

@@ -384,7 +384,7 @@ class Scheduler:
         every row; a row whose own sampling or text handling fails is dropped alone."""
         try:
             tokens = torch.tensor([row.last for row in self.rows], dtype=torch.long)
-            logits = self.batch.step(tokens)
+            logits = self.batch.step(tokens, room=max(row.job.params.max_new_tokens - row.count for row in self.rows))
         except Exception as exc:
             log.exception("decode step failed")
             error = ApiError(500, f"decode step failed: {exc}", type="server_error", code="internal_error")
