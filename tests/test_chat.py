@@ -9,6 +9,7 @@ import weakref
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from hyperowl import Owl3ForCausalLM, Owl3Processor
@@ -253,3 +254,26 @@ def test_quick_start_uses_the_bundled_model(capsys):
     code = main(["chat", "--image", str(example), "What colour is the shape?"])
     assert code == 0
     assert capsys.readouterr().out == "red\n"
+
+
+def test_a_video_that_stops_decoding_leaves_the_session_as_it_was(owl, pictures, tmp_path):
+    """The packet index of the file reads (the turn's prompt is built), its frames do not decode: the turn
+    fails while the model consumes the stream, and the conversation goes on from the turn before."""
+    from hyperowl.errors import MediaError
+    from tests.media import write_undecodable_video
+
+    model, processor = owl
+    session = ChatSession(model, processor, params=SamplingParams(max_new_tokens=4))
+    first = session.ask("What colour is the square?", images=[pictures[0]])
+    state = (list(session.messages), session.cached_ids.clone(), session.visual.num_images.tolist())
+    with pytest.raises(MediaError, match="cannot read video"):
+        session.ask("And in the film?", videos=[str(write_undecodable_video(tmp_path / "broken.mp4"))])
+    assert (session.messages, session.visual.num_images.tolist()) == (state[0], state[2])
+    assert torch.equal(session.cached_ids, state[1][: len(session.cached_ids)])
+    second = session.ask("Describe the picture.")
+    messages = [
+        {"role": "user", "content": "<|image|>What colour is the square?"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "Describe the picture."},
+    ]
+    assert second == fresh_answer(model, processor, messages, [pictures[0]], 4)
