@@ -94,7 +94,6 @@ def run(args: argparse.Namespace) -> int:
         system=args.system,
         params=params,
         vision_chunk_size=args.vision_chunk_size,
-        progress=True,
         video_sampling=args.video_sampling,
     )
     images, videos = [str(p) for p in args.image], [str(p) for p in args.video]

@@ -125,3 +125,14 @@ def write_pattern_video(
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def write_undecodable_video(path: Path) -> Path:
+    """An mp4 whose packet index reads (frame count, timestamps, keyframes) but whose packets hold no
+    decodable data: every byte of its ``mdat`` payload is overwritten."""
+    data = bytearray(write_video(path, seconds=3, fps=4, codec="libx264").read_bytes())
+    at = data.find(b"mdat")
+    size = struct.unpack(">I", data[at - 4 : at])[0]
+    data[at + 4 : at - 4 + size] = b"\xff" * (size - 8)
+    path.write_bytes(bytes(data))
+    return path

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import weakref
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from hyperowl import Owl3ForCausalLM, Owl3Processor
@@ -30,8 +33,8 @@ def pictures(tmp_path):
     return paths
 
 
-def fresh_answer(model, processor, messages, images, max_new_tokens):
-    batch = processor(messages, images=images or None)
+def fresh_answer(model, processor, messages, images, max_new_tokens, videos=None):
+    batch = processor(messages, images=images or None, videos=videos)
     out = model.generate(**batch, max_new_tokens=max_new_tokens, stop_token_ids=processor.stop_token_ids)
     ids = out.sequences[0, : out.num_generated[0]].tolist()
     return processor.decode([i for i in ids if i not in processor.stop_token_ids], skip_special_tokens=True)
@@ -79,6 +82,7 @@ def test_multi_turn_reuses_caches_and_equals_fresh_runs(owl, pictures):
 def test_each_medium_is_loaded_and_converted_once_across_turns(owl, pictures, tmp_path, monkeypatch):
     from hyperowl.engine import conversation as chat_module
     from hyperowl.processing import processor as processor_module
+    from hyperowl.processing import stream as stream_module
     from hyperowl.processing.video import load_video
     from tests.media import write_video
 
@@ -98,15 +102,16 @@ def test_each_medium_is_loaded_and_converted_once_across_turns(owl, pictures, tm
         converted[0] += len(views)
         return to_tensor(views, size)
 
-    to_tensor = chat_module.image_to_tensor
+    to_tensor = stream_module.image_to_tensor
     monkeypatch.setattr(processor_module, "load_image", counting(processor_module.load_image))
-    monkeypatch.setattr(chat_module, "load_video", counting(chat_module.load_video))
-    monkeypatch.setattr(chat_module, "image_to_tensor", counting_conversion)
+    monkeypatch.setattr(chat_module, "plan_video", counting(chat_module.plan_video))
+    monkeypatch.setattr(stream_module, "image_to_tensor", counting_conversion)
     session = ChatSession(model, processor, params=SamplingParams(max_new_tokens=5))
     turns = [("What is shown?", [pictures[0]], [video]), ("And then?", [], []), ("Compare with this.", [pictures[1]], [])]
     answers = [session.ask(text, images=images, videos=videos) for text, images, videos in turns]
     monkeypatch.undo()
     assert loads == {pictures[0]: 1, video: 1, pictures[1]: 1}
+    assert session.videos == [video]  # the file, not its frames
     clip = load_video(video, fps=processor.video_fps, max_frames=processor.max_frames)
     contents = ["<|image|><|video|>What is shown?", "And then?", "<|image|>Compare with this."]
     messages: list[dict[str, str]] = []
@@ -119,6 +124,53 @@ def test_each_medium_is_loaded_and_converted_once_across_turns(owl, pictures, tm
         assert answer == processor.decode(ids, skip_special_tokens=True)
         messages.append({"role": "assistant", "content": answer})
     assert converted[0] == batch["pixel_values"].shape[0]  # every view of the conversation, converted once
+
+
+def test_a_video_turn_holds_at_most_depth_plus_one_chunks_of_frames(owl, tmp_path, monkeypatch):
+    """The frames of a 12-frame video turn go through the model in 6 chunks of 2; the pipeline decodes
+    ahead of the vision tower, but never more than `STREAM_DEPTH` chunks ahead of the one being encoded."""
+    from hyperowl.processing import stream as stream_module
+    from hyperowl.processing.video import load_video
+    from tests.media import write_pattern_video
+
+    model, processor = owl
+    video = str(write_pattern_video(tmp_path / "clip.mp4", 24, fps=2))  # 12 s
+    limit = stream_module.STREAM_DEPTH + 1
+    lock = threading.Lock()
+    alive, peaks = [0], []
+    ahead = threading.Event()  # the producer has run as far ahead as it may
+
+    def dropped():
+        with lock:
+            alive[0] -= 1
+
+    def tracked(views, size):
+        pixels = to_tensor(views, size)
+        with lock:
+            alive[0] += 1
+            peaks.append(alive[0])
+            if alive[0] == limit:
+                ahead.set()
+        weakref.finalize(pixels, dropped)
+        return pixels
+
+    def vision_waits_for_the_producer(*_):
+        assert ahead.wait(timeout=30)  # a safety net against a hang, not a timing check
+
+    to_tensor = stream_module.image_to_tensor
+    monkeypatch.setattr(stream_module, "image_to_tensor", tracked)
+    hook = model.vision_model.register_forward_hook(vision_waits_for_the_producer)
+    try:
+        session = ChatSession(model, processor, params=SamplingParams(max_new_tokens=5), vision_chunk_size=2)
+        answer = session.ask("What happened?", videos=[video])
+    finally:
+        hook.remove()
+        monkeypatch.undo()
+    assert len(peaks) == 6 and max(peaks) == limit and alive[0] == 0
+    clip = load_video(video, fps=processor.video_fps, max_frames=processor.max_frames)
+    assert len(clip) == 12
+    messages = [{"role": "user", "content": "<|video|>What happened?"}]
+    assert answer == fresh_answer(model, processor, messages, None, 5, videos=[clip])
 
 
 def test_bad_turn_leaves_the_session_usable(owl, pictures, tmp_path):
@@ -202,3 +254,26 @@ def test_quick_start_uses_the_bundled_model(capsys):
     code = main(["chat", "--image", str(example), "What colour is the shape?"])
     assert code == 0
     assert capsys.readouterr().out == "red\n"
+
+
+def test_a_video_that_stops_decoding_leaves_the_session_as_it_was(owl, pictures, tmp_path):
+    """The packet index of the file reads (the turn's prompt is built), its frames do not decode: the turn
+    fails while the model consumes the stream, and the conversation goes on from the turn before."""
+    from hyperowl.errors import MediaError
+    from tests.media import write_undecodable_video
+
+    model, processor = owl
+    session = ChatSession(model, processor, params=SamplingParams(max_new_tokens=4))
+    first = session.ask("What colour is the square?", images=[pictures[0]])
+    state = (list(session.messages), session.cached_ids.clone(), session.visual.num_images.tolist())
+    with pytest.raises(MediaError, match="cannot read video"):
+        session.ask("And in the film?", videos=[str(write_undecodable_video(tmp_path / "broken.mp4"))])
+    assert (session.messages, session.visual.num_images.tolist()) == (state[0], state[2])
+    assert torch.equal(session.cached_ids, state[1][: len(session.cached_ids)])
+    second = session.ask("Describe the picture.")
+    messages = [
+        {"role": "user", "content": "<|image|>What colour is the square?"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "Describe the picture."},
+    ]
+    assert second == fresh_answer(model, processor, messages, [pictures[0]], 4)

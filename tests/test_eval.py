@@ -25,7 +25,7 @@ from hyperowl.eval.data import (
 )
 from hyperowl.eval.distractor import DistractorSet, build_distractor_set, cap_levels
 from hyperowl.eval.report import load_summaries, write_report
-from hyperowl.eval.runner import RunOptions, init_distributed, load_request_video, read_records, run_requests
+from hyperowl.eval.runner import RunOptions, init_distributed, read_records, request_video, run_requests
 from hyperowl.eval.scoring import score_response, summarize
 from hyperowl.eval.tasks import build_requests, rotate_options
 from hyperowl.processing.choices import format_question
@@ -197,10 +197,10 @@ def test_mvbench_video_window_and_frames(tmp_path):
     assert action.answer == 1 and action.video_window == (2.0, 4.0)
     assert episodic.frame_rate == 3.0 and episodic.video == str(frames)
     (request,) = build_requests([action], circular=False)
-    clip = load_request_video(request, fps=1.0, max_frames=8)
+    clip = request_video(request, fps=1.0, max_frames=8)
     assert [nearest_second(frame) for frame in clip.frames] == [2, 3, 4]
     (request,) = build_requests([episodic], circular=False)
-    clip = load_request_video(request, fps=3.0, max_frames=2)
+    clip = request_video(request, fps=3.0, max_frames=2)
     assert len(clip) == 2 and {nearest_second(frame) for frame in clip.frames} <= {1, 2}
 
 
@@ -485,3 +485,44 @@ def test_merge_fails_loudly_unless_every_request_has_one_record(tiny_model, mixe
     assert (tmp_path / "predictions.rank1.jsonl").is_file()  # kept for a look
     (tmp_path / "predictions.rank1.jsonl").write_text(json.dumps(records[0].to_json()) + "\n")  # an identical copy is fine
     assert merge_shards(tmp_path, mixed_requests[:3]) == records
+
+
+class ForeignModel:
+    """hyperowl's model behind another class, as the runner sees a model that is not hyperowl's (the LLaVA
+    baseline): it gets every pixel in one tensor."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.device, self.dtype = model.device, model.dtype
+
+    def generate(self, **kwargs):
+        return self.model.generate(**kwargs)
+
+
+def test_video_requests_stream_to_hyperowl_with_the_same_records(tiny_model, tmp_path, monkeypatch):
+    """Batches of video questions: hyperowl's model gets the frames streamed (decoded in the stream's
+    background thread while it encodes them), another model one tensor; the records are the same."""
+    import threading
+
+    from hyperowl.processing.video import VideoPlan
+    from hyperowl.synthetic.benchmark_files import write_synthetic_benchmarks
+
+    model, processor = tiny_model
+    files = write_synthetic_benchmarks(tmp_path / "data", questions=1, multi_image=1, videos=4)
+    requests = build_requests(load_longvideobench(files.longvideobench), circular=False)
+    decoded_in: list[str] = []
+    chunks = VideoPlan.chunks
+
+    def recorded(plan, *args, **kwargs):
+        decoded_in.append(threading.current_thread().name)
+        return chunks(plan, *args, **kwargs)
+
+    monkeypatch.setattr(VideoPlan, "chunks", recorded)
+    options = RunOptions(batch_size=3, max_new_tokens=3, max_frames=4, progress=False)
+    streamed = run_requests(model, processor, requests, tmp_path / "streamed", options)
+    assert decoded_in == ["hyperowl-prefetch"] * 4
+    decoded_in.clear()
+    whole = run_requests(ForeignModel(model), processor, requests, tmp_path / "whole", options)
+    assert decoded_in == ["MainThread"] * 4
+    assert len(streamed) == 4 and all(r.error is None for r in streamed)
+    assert streamed == whole

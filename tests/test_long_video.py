@@ -11,15 +11,16 @@ import torch.nn.functional as F
 
 from hyperowl.engine.generate import Owl3ForCausalLM, prefill
 from hyperowl.engine.longvideo import answer_video, video_pixel_stream, video_prompt
-from hyperowl.engine.memory import plan_visual_memory, prefetch
+from hyperowl.engine.memory import plan_visual_memory
 from hyperowl.errors import ResourceLimitError
 from hyperowl.model.cache import VisualKV
 from hyperowl.model.decoder import CrossPlan, StepContext
 from hyperowl.model.owl3 import PixelStream, VisualOptions
 from hyperowl.processing.image import image_to_tensor
 from hyperowl.processing.processor import Owl3Processor
+from hyperowl.processing.stream import prefetch
 from hyperowl.processing.video import count_sampled_frames, load_video
-from tests.media import write_video
+from tests.media import SECOND_COLORS, block_image, write_pattern_video, write_video
 from tests.tiny import random_model, tiny_config
 
 IMG = 7
@@ -198,7 +199,8 @@ def test_limit_error_says_how_many_frames_fit():
 
 
 def test_prefetch_runs_ahead_and_reraises():
-    """The producer thread runs `depth` items ahead (plus the one it holds), no further, and its error reaches the
+    """The producer thread makes at most `depth` items ahead of the consumer (the one it is making
+    included), so with the consumer's own at most `depth + 1` exist, and its error reaches the
     consumer. Synchronised with events: the 30 s waits only keep a broken prefetch from hanging the suite."""
     asked = [threading.Event() for _ in range(6)]
 
@@ -211,13 +213,30 @@ def test_prefetch_runs_ahead_and_reraises():
 
     it = prefetch(items(), depth=2)
     assert next(it) == 0
-    assert asked[3].wait(timeout=30)  # items 1 and 2 queued, item 3 decoded while the consumer is busy
-    assert not asked[4].is_set()  # the queue is full: the producer waits for the consumer
+    assert asked[2].wait(timeout=30)  # items 1 and 2 made while the consumer works on item 0
+    assert not asked[3].is_set()  # two ahead: the producer waits for the consumer
     assert next(it) == 1
-    assert asked[4].wait(timeout=30)
+    assert asked[3].wait(timeout=30)
+    assert not asked[4].is_set()
     assert [next(it) for _ in range(3)] == [2, 3, 4]
     with pytest.raises(ValueError, match="broken file"):
         next(it)
+
+
+def test_prefetch_consumer_that_stops_closes_the_items():
+    closed = threading.Event()
+
+    def items():
+        try:
+            yield from range(100)
+        finally:
+            closed.set()
+
+    before = set(threading.enumerate())
+    it = prefetch(items(), depth=2)
+    assert next(it) == 0
+    it.close()
+    assert closed.is_set() and not set(threading.enumerate()) - before
 
 
 def test_mp4_goes_through_chunked_decode_and_encode(tmp_path, tiny_checkpoint):
@@ -243,3 +262,32 @@ def test_mp4_goes_through_chunked_decode_and_encode(tmp_path, tiny_checkpoint):
     torch.testing.assert_close(official["pixel_values"], frames)
     out = answer_video(model, processor, video, "What happened first?", max_new_tokens=4)
     assert 1 <= out.num_generated[0] <= 4 and out.visual.num_images.tolist() == [10]
+
+
+@pytest.mark.parametrize("with_images", [False, True], ids=["video", "image-video-image"])
+def test_processor_streamed_video_gives_the_logits_and_tokens_of_the_whole_batch(tmp_path, tiny_checkpoint, with_images):
+    """`stream_video=True`: the same prompt, and pixels that arrive in chunks (across media, in media
+    order) while the file decodes; logits and greedy tokens equal those of the batch with every pixel."""
+    video = write_pattern_video(tmp_path / "clip.mp4", 40, fps=4, keyframe_interval=8, b_frames=2)  # 10 s
+    model = Owl3ForCausalLM.from_pretrained(tiny_checkpoint)
+    model.visual_options = VisualOptions(chunk_size=4)
+    processor = Owl3Processor.from_pretrained(tiny_checkpoint)
+    content = "<|image|>Look. <|video|>What happened first? <|image|>" if with_images else "<|video|>What happened first?"
+    images = [block_image(2, 3, 16, SECOND_COLORS[:6]), block_image(1, 1, 20, SECOND_COLORS[6:7])] if with_images else None
+    call = {"images": images, "videos": [str(video)], "max_frames": 10}
+    whole = processor([{"role": "user", "content": content}], **call)
+    streamed = processor([{"role": "user", "content": content}], **call, stream_video=True, stream_chunk_size=4)
+    stream = streamed["pixel_values"]
+    assert isinstance(stream, PixelStream) and stream.total == whole["pixel_values"].shape[0] == (7 + 10 + 5 if with_images else 10)
+    for key in ("input_ids", "attention_mask", "media_offset"):
+        assert torch.equal(streamed[key], whole[key])
+    sizes = []
+    streamed["pixel_values"] = PixelStream(stream.total, ((sizes.append(c.shape[0]) or c) for c in stream.chunks))
+    with torch.no_grad():
+        assert torch.equal(model(**streamed).logits, model(**whole).logits)
+    assert sizes == ([4, 4, 4, 4, 4, 2] if with_images else [4, 4, 2])  # chunks cross the media
+    assert streamed.frame_timestamps == whole.frame_timestamps == [[[float(s) for s in range(10)]]]
+    streamed["pixel_values"] = stream  # the batch's own stream decodes anew for every call
+    for batch in (streamed, streamed):
+        out = model.generate(**batch, max_new_tokens=6, stop_token_ids=[])
+        assert torch.equal(out.sequences, model.generate(**whole, max_new_tokens=6, stop_token_ids=[]).sequences)

@@ -267,6 +267,47 @@ def test_a_repeated_film_is_not_decoded_again(
     assert media_cache_counts(server) == (hits + 1, misses + 2)
 
 
+@pytest.mark.parametrize("cache_mb", [0, 8], ids=["no-cache", "cache"])
+def test_video_frames_decode_while_the_model_encodes_them(
+    ref: Reference, media_dir: Path, monkeypatch: pytest.MonkeyPatch, cache_mb: int
+) -> None:
+    """A video request is only planned when it arrives; its frames decode in the scheduler's stream (a
+    background thread beside the vision tower), with or without the media cache, and the answer equals
+    in-process generation. A file whose packets index but do not decode gets 400 `invalid_media`,
+    streamed or not, and the server keeps serving."""
+    from hyperowl.processing.video import VideoPlan
+    from tests.media import write_undecodable_video
+
+    question = {"type": "text", "text": "What happened first in the video?"}
+    clip = load_video(media_dir / "clip.mp4", fps=ref.processor.video_fps, max_frames=3)
+    expected = ref.answer(user({"type": "video"}, question), videos=[clip])[0]
+    write_undecodable_video(media_dir / "broken.mp4")
+    decoded_in: list[str] = []
+    chunks = VideoPlan.chunks
+
+    def recorded(plan: VideoPlan, *args: Any, **kwargs: Any) -> Any:
+        decoded_in.append(threading.current_thread().name)
+        return chunks(plan, *args, **kwargs)
+
+    monkeypatch.setattr(VideoPlan, "chunks", recorded)
+    settings = ServerSettings(model_name="m", media_dir=media_dir, media_cache_bytes=cache_mb * 2**20)
+    with thread_server(ref.model, ref.processor, settings) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+        part = {"type": "video_url", "video_url": {"url": "clip.mp4", "max_frames": 3}}
+        reply = client.chat.completions.create(model="m", messages=user(part, question), temperature=0, max_tokens=16)
+        assert reply.choices[0].message.content == expected
+        assert decoded_in == ["hyperowl-prefetch"]
+        broken = {"type": "video_url", "video_url": {"url": "broken.mp4", "max_frames": 3}}
+        for stream in (False, True):
+            body = {"model": "m", "messages": user(broken, question), "max_tokens": 4, "stream": stream}
+            response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=TIMEOUT)
+            error = response.json()["error"]
+            assert response.status_code == 400 and error["code"] == "invalid_media", response.text
+            assert "cannot read video" in error["message"] and "Invalid data" in error["message"]
+        reply = client.chat.completions.create(model="m", messages=user(part, question), temperature=0, max_tokens=16)
+        assert reply.choices[0].message.content == expected
+
+
 def test_video_keyframe_sampling(client: openai.OpenAI, ref: Reference, model_name: str, media_dir: Path) -> None:
     """`"sampling": "keyframe"` answers about the keyframes nearest to the sampled frames."""
     from tests.media import write_pattern_video

@@ -8,14 +8,12 @@ of chunk i+1 overlaps the encoding of chunk i.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hyperowl.engine.memory import prefetch
-from hyperowl.model.owl3 import PixelStream
-from hyperowl.processing.image import image_to_tensor
+from hyperowl.model.owl3 import DEFAULT_CHUNK_SIZE, PixelStream
+from hyperowl.processing.stream import STREAM_DEPTH, pixel_chunks, video_views
 from hyperowl.processing.template import render_chat_with_spans
 from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
 from hyperowl.processing.video import DEFAULT_SAMPLING, Sampling, VideoFileSource, plan_video
@@ -32,26 +30,22 @@ def video_pixel_stream(
     *,
     fps: float = 1.0,
     max_frames: int | None = None,
-    chunk_size: int = 32,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     pin_memory: bool = False,
-    depth: int = 2,
+    depth: int = STREAM_DEPTH,
     sampling: Sampling = DEFAULT_SAMPLING,
 ) -> PixelStream:
     """The sampled frames of a video file as pixel chunks `[n <= chunk_size, 3, S, S]` (float32,
-    normalised as the processor does), decoded up to `depth` chunks ahead in a background thread.
+    normalised as the processor does), decoded up to `depth` chunks ahead in a background thread
+    (`hyperowl.processing.stream`); one model call consumes them.
 
     `total` is known from the packet index before decoding starts. `pin_memory` pins each chunk so its
     copy to a GPU overlaps the work. `sampling`: how frames are reached (`hyperowl.processing.video.Sampling`).
     Raises `MediaError` for unreadable files (here or while iterating).
     """
     plan = plan_video(src, fps=fps, max_frames=max_frames, sampling=sampling)
-
-    def chunks() -> Iterator[torch.Tensor]:
-        for clip in plan.chunks(chunk_size, progress=False, frame_size=image_size):
-            pixels = image_to_tensor(clip.frames, image_size)
-            yield pixels.pin_memory() if pin_memory else pixels
-
-    return PixelStream(len(plan), prefetch(chunks(), depth))
+    medium = video_views(plan, image_size, [])
+    return PixelStream(medium.count, pixel_chunks([medium], image_size, chunk_size, pin_memory=pin_memory, depth=depth))
 
 
 def video_prompt(processor: Owl3Processor, question: str, num_frames: int, system: str | None = None) -> dict[str, torch.Tensor]:

@@ -4,18 +4,14 @@ The model encodes frames in chunks (pixels -> vision tower -> projector -> visua
 layer, written into preallocated `VisualKV` storage), so one chunk of activations exists at a time.
 `plan_visual_memory` checks a request against the memory budget of `VisualOptions` before anything is
 encoded and raises `ResourceLimitError` saying how many frames fit; the engine calls it before every
-prefill with images. `prefetch` produces the chunks of a `PixelStream` in a background thread (see
-`hyperowl.engine.longvideo`).
+prefill with images.
 """
 
 from __future__ import annotations
 
 import os
-import queue
-import threading
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,7 +21,6 @@ from hyperowl.model.owl3 import VisualOptions
 if TYPE_CHECKING:
     from hyperowl.config import Owl3Config
 
-T = TypeVar("T")
 GIB = 2**30
 
 
@@ -134,38 +129,3 @@ def plan_visual_memory(
         f"attention block). Sample fewer frames (max_frames={fit}), store the visual K/V in a "
         f"lower precision (kv_dtype), offload them to the CPU, or raise the memory budget."
     )
-
-
-def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
-    """Iterate `items` in a background thread, up to `depth` items ahead (decoding of the next chunk
-    overlaps the caller's work on the current one). Exceptions are re-raised in the caller."""
-    slots: queue.Queue[tuple[bool, object]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                slots.put((True, item))
-            slots.put((False, None))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            slots.put((False, exc))
-
-    thread = threading.Thread(target=produce, name="hyperowl-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            ok, item = slots.get()
-            if not ok:
-                if item is not None:
-                    raise item  # type: ignore[misc]
-                return
-            yield item  # type: ignore[misc]
-    finally:
-        stop.set()
-        while thread.is_alive():
-            try:
-                slots.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)

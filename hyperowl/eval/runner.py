@@ -26,8 +26,9 @@ from hyperowl.errors import HyperowlError, MediaError
 from hyperowl.eval.data import FRAME_EXTENSIONS
 from hyperowl.eval.scoring import Record, score_response
 from hyperowl.eval.tasks import EvalRequest, build_messages
+from hyperowl.model.owl3 import Owl3Model
 from hyperowl.processing.processor import Owl3Processor
-from hyperowl.processing.video import VideoClip, load_video, sample_frame_indices
+from hyperowl.processing.video import VideoClip, VideoPlan, load_video, plan_video, sample_frame_indices
 
 #: Merged results of a run.
 PREDICTIONS = "predictions.jsonl"
@@ -146,10 +147,11 @@ def cut_partial_line(path: Path) -> None:
             fh.truncate(position)
 
 
-def load_request_video(request: EvalRequest, fps: float, max_frames: int) -> VideoClip:
-    """Frames of the request's video: a file or a frame folder, limited to ``video_window`` when set,
-    sampled at ``fps`` and then uniformly down to ``max_frames``. A window that holds no sampled frame
-    falls back to the whole video."""
+def request_video(request: EvalRequest, fps: float, max_frames: int) -> VideoClip | VideoPlan:
+    """The request's video, sampled at ``fps`` and then uniformly down to ``max_frames``: a whole file
+    as a :class:`VideoPlan` (its frames decode when the processor, or the model it streams them to,
+    asks for them); a frame folder, or a file limited to ``video_window``, decoded now, since its frames
+    are chosen by their times. A window that holds no sampled frame falls back to the whole video."""
     if request.item.video is None:
         raise ValueError(f"request {request.id} has no video")
     source = Path(request.item.video)
@@ -159,8 +161,10 @@ def load_request_video(request: EvalRequest, fps: float, max_frames: int) -> Vid
             raise MediaError(f"frame folder has no images: {source}")
         rate = request.item.frame_rate or fps
         clip = load_video(frames, fps=fps, max_frames=None, frame_rate=rate)
+    elif request.item.video_window is None:
+        return plan_video(source, fps=fps, max_frames=max_frames)
     else:
-        clip = load_video(source, fps=fps, max_frames=None if request.item.video_window else max_frames, progress=False)
+        clip = load_video(source, fps=fps, max_frames=None, progress=False)
     if request.item.video_window:
         start, end = request.item.video_window
         inside = [i for i, t in enumerate(clip.timestamps) if start <= t <= end]
@@ -194,13 +198,19 @@ def _batches(requests: Sequence[EvalRequest], options: RunOptions) -> Iterator[l
 
 
 def _generate(model: Owl3ForCausalLM, processor: Owl3Processor, batch: list[EvalRequest], options: RunOptions) -> list[str]:
-    """Answers to a batch of requests (one processor batch, one ``generate`` call)."""
-    videos = [[load_request_video(r, options.fps, options.max_frames)] if r.item.video else None for r in batch]
+    """Answers to a batch of requests (one processor batch, one ``generate`` call). hyperowl's model
+    gets the pixels streamed (video files decode while it encodes the frames before); another model
+    (the LLaVA baseline) gets one tensor."""
+    videos = [[request_video(r, options.fps, options.max_frames)] if r.item.video else None for r in batch]
+    stream = {}
+    if isinstance(model, Owl3Model):
+        stream = {"stream_video": True, "stream_chunk_size": options.vision_chunk_size or model.visual_options.chunk_size}
     inputs = processor(
         [build_messages(r) for r in batch],
         images=[list(r.item.images) or None for r in batch],
         videos=videos,
         cut_enable=_cuts(batch[0], options.cut),
+        **stream,
     ).to(model.device, model.dtype)
     with torch.inference_mode():
         output = model.generate(

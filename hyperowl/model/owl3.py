@@ -24,6 +24,9 @@ from hyperowl.model.checkpoint import load_checkpoint, save_checkpoint
 from hyperowl.model.decoder import CrossPlan, HyperQwen2ForCausalLM, StepContext, rotary_cos_sin
 from hyperowl.model.vision import SiglipVisionTower
 
+#: Images encoded at once unless `VisualOptions.chunk_size` says otherwise.
+DEFAULT_CHUNK_SIZE = 32
+
 
 @dataclass
 class VisualOptions:
@@ -43,7 +46,7 @@ class VisualOptions:
         materialise the scores; the bool mask of a block is `attention_block / kv_heads` bytes).
     """
 
-    chunk_size: int = 32
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     kv_dtype: torch.dtype | None = None
     offload: Literal["never", "auto", "always"] = "auto"
     memory_budget: int | None = None
@@ -59,7 +62,8 @@ class VisualOptions:
 class PixelStream:
     """`total` images arriving in chunks, in image order: pixels `[n, 3, S, S]`, or features the vision
     tower and projector already made from them (`[n, tokens_per_image, H]`, e.g. kept from an earlier
-    request), which go straight to the hyper layers' K/V."""
+    request), which go straight to the hyper layers' K/V. Each model call iterates `chunks` once: an
+    iterator serves one call, an iterable that starts afresh at each `iter` serves any number."""
 
     total: int
     chunks: Iterable[torch.Tensor]
@@ -225,17 +229,34 @@ class Owl3Model(nn.Module):
         # shown on a terminal only, and only when encoding takes more than a second
         with tqdm(total=stream.total, desc="vision", unit="img", delay=1.0, disable=None, leave=False) as bar:
             for pixels in stream.chunks:
-                for i in range(0, pixels.shape[0], chunk):
-                    part = pixels[i : i + chunk]
-                    if done + part.shape[0] > stream.total:
-                        raise PromptError(f"got more than the {stream.total} images the prompt has <|image|> tokens for")
-                    features = part.to(self.device, self.dtype) if part.dim() == 3 else self.encode_chunk(part)
-                    self.write_visual(visual, features, done, rows, positions)
-                    done += part.shape[0]
-                    bar.update(part.shape[0])
+                written = self._write_chunk(visual, pixels, done, stream.total, rows, positions, chunk)
+                bar.update(written - done)
+                done = written
+                del pixels  # freed before the next chunk is asked for: a stream's chunks are not all alive at once
         if done != stream.total:
             raise PromptError(f"the prompt has {stream.total} <|image|> tokens but only {done} images arrived")
         return visual if previous is None else previous.extend(visual)
+
+    def _write_chunk(
+        self,
+        visual: VisualKV,
+        pixels: torch.Tensor,
+        first: int,
+        total: int,
+        rows: list[range],
+        positions: list[torch.Tensor],
+        chunk: int,
+    ) -> int:
+        """Encode one chunk of a `PixelStream` (pixels, or features as they are), `chunk` images at a time,
+        into `visual` as global images `first, first + 1, ...` of `total`; return the images written so far."""
+        for i in range(0, pixels.shape[0], chunk):
+            part = pixels[i : i + chunk]
+            if first + part.shape[0] > total:
+                raise PromptError(f"got more than the {total} images the prompt has <|image|> tokens for")
+            features = part.to(self.device, self.dtype) if part.dim() == 3 else self.encode_chunk(part)
+            self.write_visual(visual, features, first, rows, positions)
+            first += part.shape[0]
+        return first
 
     def forward(
         self,

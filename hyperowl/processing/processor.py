@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from hyperowl.errors import CheckpointError, PromptError
 from hyperowl.hub import checkpoint_dir
+from hyperowl.model.owl3 import DEFAULT_CHUNK_SIZE, PixelStream
 from hyperowl.processing.image import DEFAULT_MAX_PIXELS, cut_image, cut_placeholder, image_to_tensor, load_image
+from hyperowl.processing.stream import MediumViews, image_views, pixel_stream, video_views
 from hyperowl.processing.template import Message, message_text, part_media, render_chat_with_spans
 from hyperowl.processing.tokenizer import (
     END_VIDEO_FRAME,
@@ -27,7 +28,7 @@ from hyperowl.processing.tokenizer import (
     load_tokenizer,
     single_token_id,
 )
-from hyperowl.processing.video import FILE_MAX_FRAMES, VideoClip, load_video
+from hyperowl.processing.video import FILE_MAX_FRAMES, VideoClip, VideoPlan, load_video, plan_video
 
 #: One media placeholder (`<|image|>` or `<|video|>`) in message text.
 MEDIA_PATTERN = re.compile(f"{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)}")
@@ -45,11 +46,12 @@ class Owl3Batch(dict):
     """Model inputs; a dict (so ``model(**batch)`` works) with attribute access.
 
     Keys: ``input_ids`` ``[B, T]`` long, ``attention_mask`` ``[B, T]`` long (0 on left padding),
-    ``media_offset`` ``[B, T, 2]`` long, ``pixel_values`` ``[N, 3, S, S]`` float32 or None (no
-    images), and ``labels`` ``[B, T]`` long (-100 outside assistant answers) when asked for.
+    ``media_offset`` ``[B, T, 2]`` long, ``pixel_values`` ``[N, 3, S, S]`` float32, a
+    :class:`~hyperowl.model.owl3.PixelStream` of them (``stream_video=True``), or None (no images), and
+    ``labels`` ``[B, T]`` long (-100 outside assistant answers) when asked for.
 
     Attribute ``frame_timestamps`` (not a key): per sample, per video, the sampled frames' times in
-    seconds.
+    seconds (a streamed video file's are filled in as its frames are decoded).
     """
 
     def __init__(self, data: Mapping[str, Any], frame_timestamps: list[list[list[float]]]) -> None:
@@ -63,7 +65,8 @@ class Owl3Batch(dict):
             raise AttributeError(name) from None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Owl3Batch:
-        """Copy with every tensor on ``device``; ``dtype`` (if given) applies to ``pixel_values`` only."""
+        """Copy with every tensor on ``device``; ``dtype`` (if given) applies to ``pixel_values`` only. A
+        ``PixelStream`` stays as it is: the model moves each chunk to its device and dtype."""
         moved = {}
         for key, value in self.items():
             if isinstance(value, torch.Tensor):
@@ -190,6 +193,8 @@ class Owl3Processor:
         fps: float | None = None,
         add_generation_prompt: bool = True,
         return_labels: bool = False,
+        stream_video: bool = False,
+        stream_chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> Owl3Batch:
         """Process one conversation or a batch of conversations.
 
@@ -198,14 +203,21 @@ class Owl3Processor:
             images: for one conversation, its images in ``<|image|>`` order (paths, bytes, PIL
                 images, arrays); for a batch, one such list (or None) per conversation. None takes
                 the ``"image"`` values of the messages' image parts.
-            videos: like ``images`` for ``<|video|>``; a video is a file (path/bytes), a list of
-                frames, or a :class:`VideoClip`.
+            videos: like ``images`` for ``<|video|>``; a video is a file (path/bytes), a
+                :class:`VideoPlan` (a file planned with :func:`plan_video`, e.g. with another
+                ``sampling``), a list of frames, or a :class:`VideoClip`.
             cut_enable, fps: per-call overrides of the processor settings.
             max_frames: cap on the frames of every video of this call, files and frame lists; None:
                 files keep the processor's ``max_frames``, frame lists all their frames.
             add_generation_prompt: end with an open assistant turn when the conversation does not
                 end with an assistant answer.
             return_labels: add ``labels`` (token ids inside assistant answers, -100 elsewhere).
+            stream_video: make ``pixel_values`` a :class:`~hyperowl.model.owl3.PixelStream`: video
+                files are only planned here (their packet index gives the frame count) and are decoded
+                while the model encodes the frames, ``stream_chunk_size`` views a chunk, at most three
+                chunks of pixels at once (one being encoded, two made ahead in a background
+                thread). Each model call decodes them anew. Images and frame lists are converted a
+                chunk at a time too; the model's results equal those of the whole tensor.
 
         Returns:
             An :class:`Owl3Batch`; images of sample 0 come first in ``pixel_values``, then those
@@ -214,7 +226,8 @@ class Owl3Processor:
 
         Raises:
             PromptError: bad messages, or placeholder counts that differ from the media counts.
-            MediaError: media that cannot be loaded.
+            MediaError: media that cannot be loaded (a streamed video file that stops decoding:
+                while the model consumes ``pixel_values``).
         """
         conversations, is_batch = _split_batch(messages)
         image_lists = _per_sample(images, conversations, is_batch, "image")
@@ -222,7 +235,7 @@ class Owl3Processor:
         cut = self.cut_enable if cut_enable is None else cut_enable
         sample_fps = self.video_fps if fps is None else fps
 
-        views: list[Image.Image] = []
+        media: list[MediumViews] = []
         first_image: list[int] = []
         token_lists: list[list[int]] = []
         label_lists: list[list[int]] = []
@@ -234,11 +247,11 @@ class Owl3Processor:
             joined = "".join(texts)
             _check_count(joined.count(IMAGE_TOKEN), len(sample_images), "image", index, is_batch)
             _check_count(joined.count(VIDEO_TOKEN), len(sample_videos), "video", index, is_batch)
-            first_image.append(len(views))
-            expanded_texts, sample_views, timestamps = self.expand_media(
-                texts, sample_images, sample_videos, cut, sample_fps, max_frames
+            first_image.append(sum(medium.count for medium in media))
+            expanded_texts, sample_media, timestamps = self.expand_media(
+                texts, sample_images, sample_videos, cut, sample_fps, max_frames, stream_video
             )
-            views.extend(sample_views)
+            media.extend(sample_media)
             frame_timestamps.append(timestamps)
             expanded = [{"role": m["role"], "content": t} for m, t in zip(conversation, expanded_texts)]
             prompt, spans = render_chat_with_spans(expanded, add_generation_prompt)
@@ -257,11 +270,17 @@ class Owl3Processor:
         is_image = input_ids == self._image_token_id
         seen = torch.cumsum(is_image, dim=1) - is_image.long()
         first = torch.tensor(first_image, dtype=torch.long)[:, None].expand_as(seen)
+        pixel_values: torch.Tensor | PixelStream | None = None
+        if stream_video and media:
+            pixel_values = pixel_stream(media, self.image_size, stream_chunk_size)
+        elif media:
+            views = [view for medium in media for piece in medium.pieces(medium.count) for view in piece]
+            pixel_values = image_to_tensor(views, self.image_size)
         data: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "media_offset": torch.stack([first, first + seen], dim=-1),
-            "pixel_values": image_to_tensor(views, self.image_size) if views else None,
+            "pixel_values": pixel_values,
         }
         if return_labels:
             data["labels"] = left_pad([torch.tensor(labels, dtype=torch.long) for labels in label_lists], IGNORE_INDEX)[0]
@@ -275,43 +294,57 @@ class Owl3Processor:
         cut: bool,
         fps: float,
         max_frames: int | None,
-    ) -> tuple[list[str], list[Image.Image], list[list[float]]]:
+        stream: bool = False,
+    ) -> tuple[list[str], list[MediumViews], list[list[float]]]:
         """Load one conversation's media and expand its placeholders, in order of appearance.
 
+        A video file is planned with ``fps`` and ``max_frames`` (None: the processor's ``max_frames``)
+        and, without ``stream``, decoded now, as is a :class:`VideoPlan`; with ``stream`` their
+        frames are decoded only when the returned views are iterated. A frame list keeps at most
+        ``max_frames`` frames (None: all).
+
         Returns:
-            ``(texts, views, timestamps)``: the message texts with each cut image's ``<|image|>``
+            ``(texts, media, timestamps)``: the message texts with each cut image's ``<|image|>``
             replaced by :func:`cut_placeholder` and each ``<|video|>`` by one ``<|image|>`` per
-            frame (a file capped at ``max_frames`` or else the processor's ``max_frames``, a frame list
-            at ``max_frames`` or not at all); every view (tile, global view, frame, uncut image) in token order; and the
-            frame times of each video.
+            frame; the views of each medium (tiles and global view, frames, uncut image) in token
+            order; and the frame times of each video (a streamed file's filled in as it decodes).
         """
         image_iter, video_iter = iter(images), iter(videos)
-        views: list[Image.Image] = []
+        media: list[MediumViews] = []
         timestamps: list[list[float]] = []
 
         def expand(match: re.Match[str]) -> str:
             if match.group(0) == IMAGE_TOKEN:
                 image = load_image(next(image_iter), self.max_pixels)
                 if not cut:
-                    views.append(image)
+                    media.append(image_views([image]))
                     return IMAGE_TOKEN
                 tiles, (rows, cols) = cut_image(image, self.image_size)
-                views.extend(tiles)
+                media.append(image_views(tiles))
                 return cut_placeholder(rows, cols, self.prompt_format)
             video = next(video_iter)
-            if isinstance(video, VideoClip):
-                clip = video
+            if isinstance(video, (str, Path, bytes, bytearray)):
+                cap = self.max_frames if max_frames is None else max_frames
+                video = plan_video(video, fps=fps, max_frames=cap, max_pixels=self.max_pixels)
+            times: list[float] = []
+            if isinstance(video, VideoPlan) and stream:
+                medium = video_views(video, self.image_size, times)
             else:
-                is_file = isinstance(video, (str, Path, bytes, bytearray))
-                cap = self.max_frames if max_frames is None and is_file else max_frames
-                clip = load_video(video, fps=fps, max_frames=cap, frame_size=self.image_size)
-            views.extend(clip.frames)
-            timestamps.append(list(clip.timestamps))
+                if isinstance(video, VideoPlan):
+                    clip = video.load(frame_size=self.image_size)
+                elif isinstance(video, VideoClip):
+                    clip = video
+                else:
+                    clip = load_video(video, fps=fps, max_frames=max_frames)
+                times.extend(clip.timestamps)
+                medium = image_views(clip.frames)
+            media.append(medium)
+            timestamps.append(times)
             if self.prompt_format == "241101":
-                return START_VIDEO_FRAME + IMAGE_TOKEN * len(clip) + END_VIDEO_FRAME
-            return IMAGE_TOKEN * len(clip)
+                return START_VIDEO_FRAME + IMAGE_TOKEN * medium.count + END_VIDEO_FRAME
+            return IMAGE_TOKEN * medium.count
 
-        return [MEDIA_PATTERN.sub(expand, text) for text in texts], views, timestamps
+        return [MEDIA_PATTERN.sub(expand, text) for text in texts], media, timestamps
 
 
 def has_241101_markers(tokenizer: Tokenizer) -> bool:

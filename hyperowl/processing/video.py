@@ -210,6 +210,18 @@ class VideoPlan:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return _decode_chunks(self, chunk_size, progress, frame_size)
 
+    def load(self, progress: bool | None = None, frame_size: int | None = None) -> VideoClip:
+        """Decode every sampled frame into one :class:`VideoClip` (arguments as in :meth:`chunks`).
+
+        Raises:
+            MediaError: as :meth:`chunks`.
+        """
+        clip = VideoClip([], [])
+        for chunk in self.chunks(64, progress, frame_size):
+            clip.frames.extend(chunk.frames)
+            clip.timestamps.extend(chunk.timestamps)
+        return clip
+
 
 def plan_video(
     src: VideoFileSource,
@@ -535,14 +547,8 @@ def load_video(
     if isinstance(src, (str, Path, bytes, bytearray)):
         if max_frames == "default":
             max_frames = FILE_MAX_FRAMES
-        clip = VideoClip([], [])
-        chunks = iter_video_chunks(
-            src, 64, fps=fps, max_frames=max_frames, progress=progress, sampling=sampling, max_pixels=max_pixels, frame_size=frame_size
-        )
-        for chunk in chunks:
-            clip.frames.extend(chunk.frames)
-            clip.timestamps.extend(chunk.timestamps)
-        return clip
+        plan = plan_video(src, fps=fps, max_frames=max_frames, sampling=sampling, max_pixels=max_pixels)
+        return plan.load(progress, frame_size)
     if len(src) == 0:
         raise MediaError("video frame list is empty")
     native_fps = fps if frame_rate is None else frame_rate

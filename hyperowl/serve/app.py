@@ -30,7 +30,7 @@ from hyperowl.serve.media import DecodeGate
 from hyperowl.serve.media_cache import MediaCache
 from hyperowl.serve.metrics import ServerMetrics
 from hyperowl.serve.retrieval import add_citations, apply_retrieval
-from hyperowl.serve.scheduler import Event, Finished, Job, Scheduler, TextDelta
+from hyperowl.serve.scheduler import Event, Failed, Finished, Job, Prefilled, Scheduler, TextDelta
 from hyperowl.serve.schema import ChatCompletionRequest
 from hyperowl.serve.settings import ServerSettings
 
@@ -265,7 +265,7 @@ def create_app(
                 if getter in done:
                     event, getter = getter.result(), None
                     yield event
-                    if not isinstance(event, TextDelta):
+                    if not isinstance(event, Prefilled | TextDelta):
                         return
                 if time.monotonic() - last_check >= DISCONNECT_POLL_S:
                     last_check = time.monotonic()
@@ -278,11 +278,11 @@ def create_app(
                 getter.cancel()
             job.cancel()
 
-    async def stream(job: Job, request: Request, ident: str, model_name: str, include_usage: bool) -> AsyncIterator[str]:
+    async def stream(events: AsyncIterator[Event], ident: str, model_name: str, include_usage: bool) -> AsyncIterator[str]:
         now = int(time.time())
         yield chunk(ident, now, model_name, {"role": "assistant", "content": ""})
         try:
-            async with aclosing(watch(job, request)) as events:
+            async with aclosing(events):
                 async for event in events:
                     if isinstance(event, TextDelta):
                         yield chunk(ident, now, model_name, {"content": event.text}, logprobs=event.logprobs)
@@ -290,7 +290,7 @@ def create_app(
                         yield chunk(ident, now, model_name, {}, event.finish_reason, usage(event), event.logprobs)
                         if include_usage:
                             yield chunk(ident, now, model_name, None, usage_=usage(event))
-                    else:
+                    elif isinstance(event, Failed):
                         yield sse(event.error.body())
         except ApiError as exc:
             yield sse(exc.body())
@@ -340,9 +340,17 @@ def create_app(
         metrics.prompt_tokens.inc(job.prompt_tokens)
         ident = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
+            # The answer starts once the prompt is in the model, so media that fail to decode get their 4xx.
+            events = watch(job, request)
+            started = await anext(events, None)
+            if not isinstance(started, Prefilled):
+                await events.aclose()
+                if isinstance(started, Failed):
+                    raise started.error
+                return Response(status_code=499)  # the client went away; nobody reads this
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(
-                stream(job, request, ident, settings.model_name, include_usage),
+                stream(events, ident, settings.model_name, include_usage),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -356,7 +364,7 @@ def create_app(
                 elif isinstance(event, Finished):
                     body = completion_body(ident, int(time.time()), settings.model_name, "".join(pieces), event, logprobs)
                     return JSONResponse(body if retrieved is None else add_citations(body, retrieved))
-                else:
+                elif isinstance(event, Failed):
                     raise event.error
         return Response(status_code=499)  # the client went away; nobody reads this
 

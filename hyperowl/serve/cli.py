@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limit("--max-queue", int, _DEFAULTS.max_queue, "most requests waiting (more get 503)")
     limit("--max-batch-size", int, _DEFAULTS.max_batch_size, "most requests decoded together (1 = one at a time)")
     limit("--max-concurrent-decodes", int, _DEFAULTS.max_concurrent_decodes, "most requests decoding media at once")
-    limit("--max-pixels-in-flight", int, _DEFAULTS.max_pixels_in_flight, "most decoded pixels of the requests decoding media at once")
+    limit("--max-pixels-in-flight", int, _DEFAULTS.max_pixels_in_flight, "most decoded image pixels of the requests decoding media at once")
     limit("--header-timeout", float, _DEFAULTS.header_timeout_s, "seconds a connection has to send complete request headers")
     limit("--body-timeout", float, _DEFAULTS.body_timeout_s, "seconds a request body has to arrive completely")
     limit("--keep-alive-timeout", float, _DEFAULTS.keep_alive_timeout_s, "seconds an idle keep-alive connection stays open")

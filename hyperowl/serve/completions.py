@@ -13,7 +13,7 @@ from hyperowl.config import GenerationConfig
 from hyperowl.engine.longvideo import expanded_prompt
 from hyperowl.engine.sampling import SamplingParams
 from hyperowl.errors import PromptError
-from hyperowl.processing.image import image_to_tensor
+from hyperowl.model.owl3 import DEFAULT_CHUNK_SIZE
 from hyperowl.processing.processor import MEDIA_PATTERN, Owl3Processor
 from hyperowl.processing.template import message_text
 from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
@@ -24,9 +24,8 @@ from hyperowl.serve.media import (
     MediaSource,
     image_size,
     load_checked_image,
-    load_checked_video,
+    plan_checked_video,
     resolve_media,
-    video_frame_size,
 )
 from hyperowl.serve.media_cache import MediaCache, MediumInput, media_key
 from hyperowl.serve.scheduler import Finished, Job, TokenLogprob
@@ -102,17 +101,14 @@ def convert_messages(messages: list[ChatMessage], settings: ServerSettings) -> t
 
 
 def media_pixels(media: list[MediaPart], sources: list[MediaSource], settings: ServerSettings) -> int:
-    """The pixels decoding `media` will hold at most, from the files' headers (each image or frame counted
-    up to `max_image_pixels`; larger ones are refused before they are decoded)."""
-    total = videos = 0
+    """The pixels decoding `media` will hold at most, from the images' headers (each counted up to
+    `max_image_pixels`; larger ones are refused before they are decoded). Videos count nothing here:
+    they are only planned now and decoded chunk by chunk while the model encodes them."""
+    total = 0
     for part, source in zip(media, sources):
         if part.kind == "image":
             width, height = image_size(source)
             total += min(width * height, settings.max_image_pixels)
-        else:
-            width, height = video_frame_size(source, videos)
-            total += min(width * height, settings.max_image_pixels) * part.max_frames
-            videos += 1
     return total
 
 
@@ -124,11 +120,12 @@ def process(
     settings: ServerSettings,
     media_cache: MediaCache | None = None,
 ) -> dict[str, Any]:
-    """Decode the media within the limits and run the processor (CPU work: call it in a thread).
+    """Load the images and plan the videos within the limits, and run the processor (CPU work: call it
+    in a thread). Video frames are decoded later, in the scheduler, while the model encodes them.
 
     With `media_cache`, a medium found there is not decoded at all: the prompt takes its kept expansion
-    and the model its kept features; the others are decoded, expanded one by one and handed to the
-    scheduler as pixels to encode and keep (`batch["media"]`, a `MediumInput` per medium in prompt order).
+    and the model its kept features; the others are expanded one by one and handed to the scheduler as
+    views to encode and keep (`batch["media"]`, a `MediumInput` per medium in prompt order).
     """
     if media_cache is None or not media:
         images, videos = [], []
@@ -136,9 +133,10 @@ def process(
             if part.kind == "image":
                 images.append(load_checked_image(source, len(images), settings))
             else:
-                videos.append(load_checked_video(source, len(videos), processor.video_fps, part.max_frames, settings, part.sampling, processor.image_size))
-                check_frames(sum(len(clip) for clip in videos), settings)
-        return processor(messages, images=images, videos=videos)
+                videos.append(plan_checked_video(source, len(videos), processor.video_fps, part.max_frames, settings, part.sampling))
+                check_frames(sum(len(plan) for plan in videos), settings)
+        chunk = settings.vision_chunk_size or DEFAULT_CHUNK_SIZE
+        return processor(messages, images=images, videos=videos, stream_video=True, stream_chunk_size=chunk)
     texts = [message_text(message) for message in messages]
     found = [match.group(0) for text in texts for match in MEDIA_PATTERN.finditer(text)]
     wanted = [IMAGE_TOKEN if part.kind == "image" else VIDEO_TOKEN for part in media]
@@ -156,17 +154,17 @@ def process(
             medium = MediumInput(key, kept.placeholder, features=kept.features)
         elif part.kind == "image":
             image = load_checked_image(source, images, settings)
-            (placeholder,), views, _ = processor.expand_media([IMAGE_TOKEN], [image], [], processor.cut_enable, processor.video_fps, None)
-            medium = MediumInput(key, placeholder, pixels=image_to_tensor(views, processor.image_size))
+            (placeholder,), (views,), _ = processor.expand_media([IMAGE_TOKEN], [image], [], processor.cut_enable, processor.video_fps, None)
+            medium = MediumInput(key, placeholder, views=views)
         else:
-            clip = load_checked_video(source, videos, processor.video_fps, part.max_frames, settings, part.sampling, processor.image_size)
-            (placeholder,), views, _ = processor.expand_media([VIDEO_TOKEN], [], [clip], False, processor.video_fps, None)
-            medium = MediumInput(key, placeholder, pixels=image_to_tensor(views, processor.image_size))
+            plan = plan_checked_video(source, videos, processor.video_fps, part.max_frames, settings, part.sampling)
+            (placeholder,), (views,), _ = processor.expand_media([VIDEO_TOKEN], [], [plan], False, processor.video_fps, None, stream=True)
+            medium = MediumInput(key, placeholder, views=views)
         if part.kind == "image":
             images += 1
         else:
             videos += 1
-            frames += medium.views
+            frames += medium.count
             check_frames(frames, settings)
         inputs.append(medium)
     placeholders = iter(inputs)

@@ -30,7 +30,7 @@ from PIL import Image
 
 from hyperowl.errors import MediaError
 from hyperowl.processing.image import load_image
-from hyperowl.processing.video import DEFAULT_SAMPLING, Sampling, VideoClip, load_video
+from hyperowl.processing.video import DEFAULT_SAMPLING, Sampling, VideoPlan, plan_video
 from hyperowl.serve.errors import ApiError, limit_error
 from hyperowl.serve.settings import ServerSettings
 
@@ -216,18 +216,17 @@ def load_checked_image(source: MediaSource, index: int, settings: ServerSettings
     return load_image(source, settings.max_image_pixels)
 
 
-def load_checked_video(
+def plan_checked_video(
     source: MediaSource,
     index: int,
     fps: float,
     max_frames: int,
     settings: ServerSettings,
     sampling: Sampling = DEFAULT_SAMPLING,
-    frame_size: int | None = None,
-) -> VideoClip:
-    """Decode up to `max_frames` sampled frames of video number `index` (reached as `sampling` says)
-    after checking its frame size; with `frame_size` they are resized to the model's input size as they
-    are decoded (see `load_video`)."""
+) -> VideoPlan:
+    """Check the frame size of video number `index` (0-based) and read its packet index: up to
+    `max_frames` sampled frames (reached as `sampling` says), decoded later, while the model encodes
+    them (`hyperowl.processing.stream`)."""
     width, height = video_frame_size(source, index)
     if width * height > settings.max_image_pixels:
         raise limit_error(
@@ -235,4 +234,4 @@ def load_checked_video(
             "max_image_pixels",
             "messages",
         )
-    return load_video(source, fps=fps, max_frames=max_frames, sampling=sampling, frame_size=frame_size)
+    return plan_video(source, fps=fps, max_frames=max_frames, sampling=sampling)

@@ -17,12 +17,14 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from hyperowl.model.owl3 import Owl3Model, PixelStream
+from hyperowl.processing.stream import MediumViews, pixel_chunks
 
 #: Bytes read at a time when hashing a media file.
 HASH_BLOCK = 2**20
@@ -42,17 +44,18 @@ class CachedMedium:
 
 @dataclass
 class MediumInput:
-    """One medium of a request, in prompt order: found in the cache (`features`) or decoded now (`pixels`
-    `[views, 3, S, S]`, to be encoded and kept under `key`)."""
+    """One medium of a request, in prompt order: found in the cache (`features`) or to be encoded and
+    kept under `key` (`views`: an image's views, or a video file's frames, decoded while they are encoded)."""
 
     key: str
     placeholder: str
     features: torch.Tensor | None = None
-    pixels: torch.Tensor | None = None
+    views: MediumViews | None = None
 
     @property
-    def views(self) -> int:
-        return (self.features if self.features is not None else self.pixels).shape[0]  # type: ignore[union-attr]
+    def count(self) -> int:
+        """The medium's views (images the model sees)."""
+        return self.features.shape[0] if self.features is not None else self.views.count  # type: ignore[union-attr]
 
 
 def media_key(source: bytes | Path, settings: tuple) -> str:
@@ -113,16 +116,26 @@ class MediaCache:
 
     def feature_stream(self, model: Owl3Model, media: list[MediumInput], chunk_size: int | None = None) -> PixelStream:
         """The features of `media` in prompt order as a `PixelStream` for the model: cached ones as they
-        are, decoded ones encoded now (`chunk_size` views at a time) and kept for later requests.
-        Call it where the model runs (the scheduler thread)."""
-        chunks = []
-        for medium in media:
-            if medium.features is None:
-                assert medium.pixels is not None
-                features = model.encode_images(medium.pixels, chunk_size or model.visual_options.chunk_size)
-                stored = features.to("cpu")
-                self.put(medium.key, CachedMedium(medium.placeholder, stored.pin_memory() if features.is_cuda else stored))
-                chunks.append(features)
-            else:
-                chunks.append(medium.features)
-        return PixelStream(sum(c.shape[0] for c in chunks), chunks)
+        are; the others' pixels made (video files decoded) in a background thread, `chunk_size` views a
+        chunk, while the chunks before are encoded, then kept for later requests. Iterate it where the
+        model runs (the scheduler thread), once."""
+        chunk = chunk_size or model.visual_options.chunk_size
+        new = [medium.views for medium in media if medium.views is not None]
+        pin = model.device.type == "cuda"
+        pixels = pixel_chunks(new, model.config.vision_config.image_size, chunk, per_medium=True, pin_memory=pin)
+
+        def chunks() -> Iterator[torch.Tensor]:
+            for medium in media:
+                if medium.features is not None:
+                    yield medium.features
+                    continue
+                kept, made = [], 0
+                while made < medium.count:
+                    features = model.encode_chunk(next(pixels))  # the pixels are freed before the next chunk is asked for
+                    kept.append(features.to("cpu"))
+                    made += features.shape[0]
+                    yield features
+                stored = torch.cat(kept)
+                self.put(medium.key, CachedMedium(medium.placeholder, stored.pin_memory() if pin else stored))
+
+        return PixelStream(sum(medium.count for medium in media), chunks())

@@ -25,7 +25,9 @@ import torch
 from hyperowl.engine.batching import DecodeBatch
 from hyperowl.engine.generate import MODEL_INPUTS, prefill
 from hyperowl.engine.sampling import SamplingParams, sample_row
+from hyperowl.errors import MediaError
 from hyperowl.serve.errors import ApiError, overloaded
+from hyperowl.serve.media import media_error
 from hyperowl.serve.media_cache import MediaCache
 from hyperowl.serve.metrics import ServerMetrics
 
@@ -37,6 +39,11 @@ log = logging.getLogger("hyperowl.serve")
 
 #: One answer token's OpenAI `logprobs.content` entry: `token`, `logprob`, `bytes`, `top_logprobs`.
 TokenLogprob = dict[str, Any]
+
+
+@dataclass
+class Prefilled:
+    """The prompt and its media are in the model (video frames decoded and encoded); the answer follows."""
 
 
 @dataclass
@@ -65,14 +72,14 @@ class Failed:
     error: ApiError
 
 
-Event = TextDelta | Finished | Failed
+Event = Prefilled | TextDelta | Finished | Failed
 
 
 class Job:
     """One chat completion as the scheduler sees it: the processed prompt, how to sample, where events go.
 
-    Created on the event loop of the HTTP request; `events` receives `TextDelta`s then one `Finished`
-    or `Failed`. `cancel()` (client gone) makes the scheduler drop it at its next step. `top_logprobs`:
+    Created on the event loop of the HTTP request; `events` receives `Prefilled`, `TextDelta`s, then one
+    `Finished`, or a `Failed` at any point. `cancel()` (client gone) makes the scheduler drop it at its next step. `top_logprobs`:
     None for no logprobs, else how many alternatives each token's logprob entry lists (0-20).
     """
 
@@ -366,7 +373,11 @@ class Scheduler:
             if job.batch.get("media") and self.media_cache is not None:  # kept features, or pixels to encode and keep
                 inputs["pixel_values"] = self.media_cache.feature_stream(self.model, job.batch["media"], self.vision_chunk_size)
             logits, cache, visual = prefill(self.model, **inputs, vision_chunk_size=self.vision_chunk_size)
+            job.emit(Prefilled())
             finish = row.accept(row.sample(logits[0]))
+        except MediaError as exc:  # a video that stops decoding while its frames are encoded
+            job.emit(Failed(media_error(str(exc))))
+            return
         except Exception as exc:  # a bad request must not stop the server
             log.exception("prefill failed")
             job.emit(Failed(ApiError(500, f"prefill failed: {exc}", type="server_error", code="internal_error")))

@@ -34,8 +34,9 @@ class ServerSettings:
         max_stop_strings: most `stop` strings per request.
         max_stop_chars: longest `stop` string (characters).
         max_concurrent_decodes: most requests decoding media and processing their prompt at once.
-        max_pixels_in_flight: most decoded pixels (images, and video frames) of the requests decoding at
-            once; a request needing more than this decodes alone.
+        max_pixels_in_flight: most decoded image pixels of the requests decoding at once; a request
+            needing more than this decodes alone. Video frames do not count: they are decoded by the
+            scheduler a few chunks at a time while the model encodes them.
         header_timeout_s: a connection must send a request's complete headers within this long (from
             its first byte, or from connecting), else it is closed.
         body_timeout_s: a request body must arrive completely within this long (408 otherwise).
