@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import ClassVar
 
 import pytest
 import torch
@@ -136,7 +137,7 @@ class RecordingStep(DecodeStep):
     """An eager `DecodeStep` that records how it was made and, when made for a graph, refuses to grow
     the cache as a graph must."""
 
-    made: list[tuple[bool, int]] = []
+    made: ClassVar[list[tuple[bool, int]]] = []
 
     def __init__(self, model, cache, visual, graph=False):
         super().__init__(model, cache, visual)
