@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from hyperowl.engine import batching
-from hyperowl.engine.generate import DecodeStep, generate, prefill
+from hyperowl.engine.generate import DecodeStep, StagedPrefill, generate, prefill
 from hyperowl.model import decoder
+from hyperowl.model.owl3 import PixelStream
+from hyperowl.processing.stream import Prefetch
 from tests.test_long_video import many_images_batch
 from tests.tiny import random_model, tiny_config
 
@@ -184,3 +186,35 @@ def test_decode_batch_graphs_settled_rows_with_room_reserved(monkeypatch):
     assert graphed and all(room > 0 for room in graphed)
     # eager after each change: join, join, leave (row 1 done), join, leave (row 0), leave (row 2)
     assert [graph for graph, _ in RecordingStep.made].count(False) >= 5
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["gated", "fused"])
+def test_staged_prefill_equals_prefill(fused):
+    """Chunk by chunk from a prefetched stream, then the text: the logits, text cache and visual K/V
+    of `prefill`."""
+    model = random_model(tiny_config(fused_hyper_attention=fused), seed=3)
+    batch = many_images_batch(model, (7, 2), seed=5)
+    pixels = batch.pop("pixel_values")
+    want_logits, want_cache, want_visual = prefill(model, **batch, pixel_values=pixels, vision_chunk_size=3)
+    stream = PixelStream(pixels.shape[0], Prefetch(pixels.split(4)))
+    staged = StagedPrefill(model, **batch, pixel_values=stream, vision_chunk_size=3)
+    steps = 0
+    while not staged.encoded:
+        staged.advance()
+        steps += 1
+    logits, cache, visual = staged.finish()
+    assert steps == 4  # three chunks of 4, 4 and 1 images, then the end of the stream
+    torch.testing.assert_close(logits, want_logits)
+    for ours, theirs in [(cache.keys, want_cache.keys), (visual.keys, want_visual.keys), (visual.values, want_visual.values)]:
+        for a, b in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(a, b)
+    assert torch.equal(visual.num_images, want_visual.num_images)
+
+
+def test_staged_prefill_of_text_only_needs_no_advance():
+    model = random_model(tiny_config(), seed=3)
+    batch = many_images_batch(model, (0,), seed=5)
+    batch.pop("pixel_values")
+    staged = StagedPrefill(model, **batch)
+    assert staged.encoded and staged.ready()
+    torch.testing.assert_close(staged.finish()[0], prefill(model, **batch)[0])

@@ -18,7 +18,7 @@ from hyperowl.model.decoder import CrossPlan, StepContext
 from hyperowl.model.owl3 import PixelStream, VisualOptions
 from hyperowl.processing.image import image_to_tensor
 from hyperowl.processing.processor import Owl3Processor
-from hyperowl.processing.stream import prefetch
+from hyperowl.processing.stream import Prefetch
 from hyperowl.processing.video import count_sampled_frames, load_video
 from tests.media import SECOND_COLORS, block_image, write_pattern_video, write_video
 from tests.tiny import random_model, tiny_config
@@ -198,7 +198,7 @@ def test_limit_error_says_how_many_frames_fit():
     assert int(str(info_low.value).split("at most ")[1].split()[0]) > fit
 
 
-def test_prefetch_runs_ahead_and_reraises():
+def test_prefetch_runs_ahead_says_when_ready_and_reraises():
     """The producer thread makes at most `depth` items ahead of the consumer (the one it is making
     included), so with the consumer's own at most `depth + 1` exist, and its error reaches the
     consumer. Synchronised with events: the 30 s waits only keep a broken prefetch from hanging the suite."""
@@ -211,9 +211,10 @@ def test_prefetch_runs_ahead_and_reraises():
         asked[5].set()
         raise ValueError("broken file")
 
-    it = prefetch(items(), depth=2)
+    it = Prefetch(items(), depth=2)
     assert next(it) == 0
     assert asked[2].wait(timeout=30)  # items 1 and 2 made while the consumer works on item 0
+    assert it.ready()  # item 1 is waiting (made before item 2 was asked for)
     assert not asked[3].is_set()  # two ahead: the producer waits for the consumer
     assert next(it) == 1
     assert asked[3].wait(timeout=30)
@@ -233,7 +234,7 @@ def test_prefetch_consumer_that_stops_closes_the_items():
             closed.set()
 
     before = set(threading.enumerate())
-    it = prefetch(items(), depth=2)
+    it = Prefetch(items(), depth=2)
     assert next(it) == 0
     it.close()
     assert closed.is_set() and not set(threading.enumerate()) - before
@@ -291,3 +292,22 @@ def test_processor_streamed_video_gives_the_logits_and_tokens_of_the_whole_batch
     for batch in (streamed, streamed):
         out = model.generate(**batch, max_new_tokens=6, stop_token_ids=[])
         assert torch.equal(out.sequences, model.generate(**whole, max_new_tokens=6, stop_token_ids=[]).sequences)
+
+
+def test_prefetch_is_not_ready_while_the_next_item_is_being_made():
+    gate, made = threading.Event(), threading.Event()
+
+    def items():
+        gate.wait(timeout=30)
+        made.set()
+        yield "chunk"
+
+    it = Prefetch(items(), depth=1)
+    assert not it.ready()
+    gate.set()
+    assert made.wait(timeout=30)
+    while not it.ready():  # the item is put right after `made`; the 30 s waits above bound a broken producer
+        threading.Event().wait(0.001)
+    assert next(it) == "chunk"
+    with pytest.raises(StopIteration):
+        next(it)

@@ -23,10 +23,12 @@ from PIL import Image
 
 from hyperowl.engine.generate import Owl3ForCausalLM
 from hyperowl.engine.sampling import SamplingParams
+from hyperowl.model.owl3 import PixelStream
 from hyperowl.processing.processor import Owl3Processor
+from hyperowl.processing.stream import Prefetch
 from hyperowl.serve.media import DecodeGate
 from hyperowl.serve.metrics import ServerMetrics
-from hyperowl.serve.scheduler import Failed, Finished, Job, Scheduler, StopStrings
+from hyperowl.serve.scheduler import Failed, Finished, Job, Scheduler, StopStrings, TextDelta
 from hyperowl.serve.settings import ServerSettings
 from tests.server import free_port, stop, wait_ready
 from tests.test_serve import data_uri, image_part, picture, png_bytes, thread_server, wait_until
@@ -165,6 +167,57 @@ def test_an_exception_while_sampling_one_row_fails_only_that_row(tiny_model: tup
         scheduler.stop()
     assert isinstance(bad, Failed) and bad.error.status == 500
     assert isinstance(good, Finished) and good.completion_tokens == 300
+
+
+def test_a_prefill_waiting_for_frames_does_not_stall_running_rows(tiny_model: tuple[Owl3ForCausalLM, Owl3Processor]) -> None:
+    """A request whose second chunk of frames is still decoding (held back by an event) is prefilled a
+    chunk at a time around the running rows: a text request that was decoding finishes all its tokens
+    meanwhile. Once the frames arrive, the held request answers as `generate` does alone."""
+    model, processor = tiny_model
+    scheduler = Scheduler(model, processor.decode, processor.stop_token_ids, ServerMetrics(), max_batch_size=2, max_queue=4)
+    text = processor([{"role": "user", "content": "yes or no"}])
+    content = "<|image|><|image|><|image|>\nWhich picture?"
+    images = [picture(i) for i in range(3)]
+    video = processor([{"role": "user", "content": content}], images=images)
+    want = processor.decode(model.generate(**video, max_new_tokens=6, stop_token_ids=[]).sequences[0].tolist())
+    frames_arrive = threading.Event()
+    pixels = video["pixel_values"]
+
+    def chunks() -> Iterator[Any]:
+        yield pixels[:1]
+        assert frames_arrive.wait(timeout=120)  # bounds a scheduler that never lets the text row finish
+        yield pixels[1:]
+
+    held = {**video, "pixel_values": PixelStream(pixels.shape[0], Prefetch(chunks(), depth=1))}
+
+    async def answer(job: Job) -> tuple[str, Any]:
+        pieces, event = [], await asyncio.wait_for(job.events.get(), 120)
+        while not isinstance(event, Finished | Failed):
+            pieces += [event.text] if isinstance(event, TextDelta) else []
+            event = await asyncio.wait_for(job.events.get(), 120)
+        return "".join(pieces), event
+
+    async def run() -> tuple[Any, Any, bool]:
+        talker = Job(text, SamplingParams(max_new_tokens=40), [], True, 120.0)
+        scheduler.submit(talker)
+        while scheduler.active < 1:
+            await asyncio.sleep(0.01)
+        waiter = Job(held, SamplingParams(max_new_tokens=6), [], True, 120.0)
+        scheduler.submit(waiter)
+        talked = await answer(talker)
+        waiting = scheduler.occupied == 1 and waiter.events.empty()  # still prefilling, nothing sent
+        frames_arrive.set()
+        return talked, await answer(waiter), waiting
+
+    scheduler.start()
+    try:
+        (_, talker_end), (got, waiter_end), waiting = asyncio.run(run())
+    finally:
+        frames_arrive.set()
+        scheduler.stop()
+    assert isinstance(talker_end, Finished) and talker_end.completion_tokens == 40
+    assert waiting
+    assert isinstance(waiter_end, Finished) and got == want
 
 
 def test_a_dead_scheduler_thread_ends_the_server_with_an_error(tiny_checkpoint: Path) -> None:

@@ -17,8 +17,9 @@ import torch
 from hyperowl.config import GenerationConfig
 from hyperowl.engine.memory import plan_visual_memory
 from hyperowl.engine.sampling import SamplingParams, pick_tokens
+from hyperowl.errors import PromptError
 from hyperowl.model.cache import TextKVCache, VisualKV
-from hyperowl.model.owl3 import Owl3Model, PixelStream
+from hyperowl.model.owl3 import Owl3Model, PixelStream, prompt_positions
 
 
 @dataclass
@@ -50,6 +51,18 @@ def make_params(params: SamplingParams | None, defaults: GenerationConfig | None
     return SamplingParams(**{**(defaults or GenerationConfig()).sampling_kwargs(), **known})
 
 
+def visual_offload(model: Owl3Model, input_ids: torch.Tensor, pixel_values: torch.Tensor | PixelStream | None) -> bool:
+    """Whether the visual K/V of `pixel_values` go to pinned CPU memory (`plan_visual_memory`).
+
+    Raises:
+        ResourceLimitError: the images would not fit in the memory budget (before any is encoded).
+    """
+    if pixel_values is None:
+        return False
+    num_images = pixel_values.total if isinstance(pixel_values, PixelStream) else pixel_values.shape[0]
+    return plan_visual_memory(model.config, num_images, input_ids.numel(), model.dtype, model.device, model.visual_options).offload
+
+
 #: The keys of a processor batch that `prefill` and the model take.
 MODEL_INPUTS = ("input_ids", "attention_mask", "media_offset", "pixel_values")
 
@@ -74,22 +87,16 @@ def prefill(
         ResourceLimitError: before any image is encoded, when the images would not fit in the memory
             budget (`hyperowl.engine.memory.plan_visual_memory`).
     """
-    device = model.device
-    input_ids = input_ids.to(device)
-    batch, prompt_len = input_ids.shape
-    offload = False
-    if pixel_values is not None:
-        num_images = pixel_values.total if isinstance(pixel_values, PixelStream) else pixel_values.shape[0]
-        plan = plan_visual_memory(model.config, num_images, input_ids.numel(), model.dtype, device, model.visual_options)
-        offload = plan.offload
+    input_ids = input_ids.to(model.device)
+    offload = visual_offload(model, input_ids, pixel_values)
     if cache is None:
-        cache = model.new_cache(batch, prompt_len + extra_tokens)
+        cache = model.new_cache(input_ids.shape[0], input_ids.shape[1] + extra_tokens)
     else:
-        cache.reserve(prompt_len + extra_tokens)
+        cache.reserve(input_ids.shape[1] + extra_tokens)
     out = model(
         input_ids,
-        attention_mask=None if attention_mask is None else attention_mask.to(device),
-        media_offset=None if media_offset is None else media_offset.to(device),
+        attention_mask=None if attention_mask is None else attention_mask.to(model.device),
+        media_offset=None if media_offset is None else media_offset.to(model.device),
         pixel_values=pixel_values,
         cache=cache,
         visual=visual,
@@ -98,6 +105,86 @@ def prefill(
         offload_visual=offload,
     )
     return out.logits[:, -1], cache, out.visual
+
+
+class StagedPrefill:
+    """`prefill` of a new prompt in steps, so a server can decode other requests in between: `advance()`
+    encodes one chunk of the images (video frames may still be decoding in a background thread; `ready()`
+    says whether the next chunk is there), `finish()` runs the text once they are all in and returns what
+    `prefill` returns. A prompt without images needs no `advance()`. Equal to `prefill` (same chunks,
+    same order).
+
+    Raises (at construction, before any image is encoded): `ResourceLimitError`, as `prefill`.
+    """
+
+    def __init__(
+        self,
+        model: Owl3Model,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        media_offset: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | PixelStream | None = None,
+        extra_tokens: int = 1,
+        vision_chunk_size: int | None = None,
+    ) -> None:
+        self.model = model
+        self.input_ids = input_ids.to(model.device)
+        self.attention_mask = torch.ones_like(self.input_ids) if attention_mask is None else attention_mask.to(model.device)
+        self.media_offset = None if media_offset is None else media_offset.to(model.device)
+        self.extra_tokens = extra_tokens
+        self.visual: VisualKV | None = None
+        self._chunks: Iterator[torch.Tensor] | None = None
+        self._steps: Iterator[int] | None = None
+        if pixel_values is not None:
+            if self.media_offset is None:
+                raise PromptError("pixel_values were given without media_offset")
+            offload = visual_offload(model, self.input_ids, pixel_values)
+            stream = pixel_values if isinstance(pixel_values, PixelStream) else PixelStream(pixel_values.shape[0], [pixel_values])
+            self._chunks = iter(stream.chunks)
+            positions = prompt_positions(self.attention_mask)
+            steps = model.visual_steps(PixelStream(stream.total, self._chunks), self.media_offset, positions, None, vision_chunk_size, offload)
+            self._steps = steps
+
+    @property
+    def encoded(self) -> bool:
+        """Whether every image is in the visual K/V (`finish` may run)."""
+        return self._steps is None
+
+    def ready(self) -> bool:
+        """Whether `advance()` can run without waiting for frames to decode."""
+        check = getattr(self._chunks, "ready", None)
+        return self.encoded or check is None or bool(check())
+
+    @torch.no_grad()
+    def advance(self) -> bool:
+        """Encode the next chunk of images; True once all are encoded."""
+        if self._steps is not None:
+            try:
+                next(self._steps)
+            except StopIteration as done:
+                self.visual, self._steps = done.value, None
+        return self.encoded
+
+    @torch.no_grad()
+    def finish(self) -> tuple[torch.Tensor, TextKVCache, VisualKV | None]:
+        """The text prefill over the encoded images: next-token logits `[B, vocab]`, the text cache (room
+        for `extra_tokens` more) and the visual K/V."""
+        while not self.advance():
+            pass
+        batch, length = self.input_ids.shape
+        cache = self.model.new_cache(batch, length + self.extra_tokens)
+        out = self.model(
+            self.input_ids, attention_mask=self.attention_mask, media_offset=self.media_offset, cache=cache, visual=self.visual, logits_to_keep=1
+        )
+        return out.logits[:, -1], cache, self.visual
+
+    def close(self) -> None:
+        """Stop decoding frames that will not be used (a cancelled request)."""
+        for part in (self._steps, self._chunks):
+            close = getattr(part, "close", None)
+            if close is not None:
+                close()
+        self._steps = self._chunks = None
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ generation and memory policy live above it, in `hyperowl.engine`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -77,6 +77,12 @@ class Owl3Output:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     visual: VisualKV | None = None
+
+
+def prompt_positions(attention_mask: torch.Tensor, start: torch.Tensor | int = 0) -> torch.Tensor:
+    """Rotary positions `[B, T]` of the tokens of `attention_mask` `[B, T]` after `start` (`[B, 1]`, the
+    positions a cache already holds): padding does not advance them (left padding stays at `start`)."""
+    return start + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def image_rows(media_offset: torch.Tensor, num_images: int) -> list[range]:
@@ -212,6 +218,25 @@ class Owl3Model(nn.Module):
         appended after the cached ones. `chunk_size` defaults to `visual_options.chunk_size`; `offload`
         keeps the new visual K/V in pinned CPU memory (see `allocate_visual`).
         """
+        steps = self.visual_steps(pixel_values, media_offset, position_ids, previous, chunk_size, offload)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def visual_steps(
+        self,
+        pixel_values: torch.Tensor | PixelStream,
+        media_offset: torch.Tensor,
+        position_ids: torch.Tensor,
+        previous: VisualKV | None = None,
+        chunk_size: int | None = None,
+        offload: bool = False,
+    ) -> Generator[int, None, VisualKV]:
+        """`prepare_visual` one chunk of `pixel_values` per step, so a caller can do other work between
+        chunks (a server decoding other requests): yields the images written so far after each chunk
+        and returns the visual K/V. Arguments as in `prepare_visual`."""
         stream = pixel_values if isinstance(pixel_values, PixelStream) else PixelStream(pixel_values.shape[0], [pixel_values])
         if previous is None:
             rows = image_rows(media_offset, stream.total)
@@ -233,6 +258,7 @@ class Owl3Model(nn.Module):
                 bar.update(written - done)
                 done = written
                 del pixels  # freed before the next chunk is asked for: a stream's chunks are not all alive at once
+                yield done
         if done != stream.total:
             raise PromptError(f"the prompt has {stream.total} <|image|> tokens but only {done} images arrived")
         return visual if previous is None else previous.extend(visual)
@@ -290,7 +316,7 @@ class Owl3Model(nn.Module):
         else:
             start = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=device)
             key_valid = attention_mask.bool()
-        position_ids = start + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = prompt_positions(attention_mask, start)
         if pixel_values is not None:
             if media_offset is None:
                 raise PromptError("pixel_values were given without media_offset")

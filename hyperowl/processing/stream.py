@@ -28,52 +28,75 @@ T = TypeVar("T")
 STREAM_DEPTH = 2
 
 
-def prefetch(items: Iterable[T], depth: int = STREAM_DEPTH) -> Iterator[T]:
-    """Iterate `items` in a background thread, at most `depth` items ahead of the caller (the one being
-    made included), so making the next items overlaps the caller's work on the current one. A caller
-    that drops each item before asking for the next never has more than `depth + 1` items alive.
-    Exceptions are re-raised in the caller; a caller that stops early stops the thread and closes `items`."""
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
-    ready: queue.Queue[tuple[bool, object]] = queue.Queue()
-    free = threading.Semaphore(depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        iterator = iter(items)
-        try:
-            while True:
-                free.acquire()
-                if stop.is_set():
-                    return
-                try:
-                    item = next(iterator)
-                except StopIteration:
-                    ready.put((False, None))
-                    return
-                ready.put((True, item))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            ready.put((False, exc))
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
-
-    thread = threading.Thread(target=produce, name="hyperowl-prefetch", daemon=True)
-    thread.start()
+def _produce(items: Iterable[T], ready: queue.Queue, free: threading.Semaphore, stop: threading.Event) -> None:
+    """`Prefetch`'s thread: put `(True, item)` for each item while `free` allows, then `(False, None)` at
+    the end or `(False, error)`; close `items` when done or stopped."""
+    iterator = iter(items)
     try:
         while True:
-            ok, item = ready.get()
-            if not ok:
-                if item is not None:
-                    raise item  # type: ignore[misc]
+            free.acquire()
+            if stop.is_set():
                 return
-            free.release()
-            yield item  # type: ignore[misc]
+            try:
+                item = next(iterator)
+            except StopIteration:
+                ready.put((False, None))
+                return
+            ready.put((True, item))
+    except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+        ready.put((False, exc))
     finally:
-        stop.set()
-        free.release()
-        thread.join()
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+
+
+class Prefetch(Iterator[T]):
+    """`items` iterated in a background thread, at most `depth` items ahead of the caller (the one being
+    made included), so making the next items overlaps the caller's work on the current one. A caller
+    that drops each item before asking for the next never has more than `depth + 1` items alive.
+    Exceptions are re-raised in the caller; `close()` (or a caller that stops early and drops it) stops
+    the thread and closes `items`. `ready()` says whether the next item can be had without waiting."""
+
+    def __init__(self, items: Iterable[T], depth: int = STREAM_DEPTH) -> None:
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self._ready: queue.Queue[tuple[bool, object]] = queue.Queue()
+        self._free = threading.Semaphore(depth)
+        self._stop = threading.Event()
+        self._done = False
+        # the thread holds only what it needs, not `self`: a dropped Prefetch is collected and closed
+        self._thread = threading.Thread(
+            target=_produce, args=(items, self._ready, self._free, self._stop), name="hyperowl-prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def ready(self) -> bool:
+        """Whether `next` returns (an item, the end or an error) without waiting for the thread."""
+        return self._done or not self._ready.empty()
+
+    def __next__(self) -> T:
+        if self._done:
+            raise StopIteration
+        ok, item = self._ready.get()
+        if not ok:
+            self.close()
+            if item is not None:
+                raise item  # type: ignore[misc]
+            raise StopIteration
+        self._free.release()
+        return item  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Stop the thread (after the item it is making) and close `items`."""
+        if self._thread.is_alive() or not self._done:
+            self._done = True
+            self._stop.set()
+            self._free.release()
+            self._thread.join()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 @dataclass
@@ -132,7 +155,7 @@ def pixel_chunks(
     per_medium: bool = False,
     pin_memory: bool = False,
     depth: int = STREAM_DEPTH,
-) -> Iterator[torch.Tensor]:
+) -> Prefetch[torch.Tensor]:
     """The pixel chunks of `media` (see `view_chunks`), made in a background thread up to `depth`
     chunks ahead. `per_medium`: no chunk holds views of two media (each medium's views start a chunk).
     `pin_memory` pins each chunk, so its copy to a GPU overlaps the work."""
@@ -142,7 +165,7 @@ def pixel_chunks(
         chunks = view_chunks(media, image_size, chunk_size)
     if pin_memory:
         chunks = (chunk.pin_memory() for chunk in chunks)
-    return prefetch(chunks, depth)
+    return Prefetch(chunks, depth)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from hyperowl.model.owl3 import Owl3Model, PixelStream
-from hyperowl.processing.stream import MediumViews, pixel_chunks
+from hyperowl.processing.stream import MediumViews, Prefetch, pixel_chunks
 
 #: Bytes read at a time when hashing a media file.
 HASH_BLOCK = 2**20
@@ -56,6 +56,26 @@ class MediumInput:
     def count(self) -> int:
         """The medium's views (images the model sees)."""
         return self.features.shape[0] if self.features is not None else self.views.count  # type: ignore[union-attr]
+
+
+class ReadyChunks(Iterator[torch.Tensor]):
+    """The chunks of `chunks`, made from the pixels of `source`: ready when `source` is (a kept
+    medium's features are always there, but its turn may come only after pixels still decoding)."""
+
+    def __init__(self, chunks: Iterator[torch.Tensor], source: Prefetch[torch.Tensor]) -> None:
+        self.chunks, self.source = chunks, source
+
+    def __next__(self) -> torch.Tensor:
+        return next(self.chunks)
+
+    def ready(self) -> bool:
+        return self.source.ready()
+
+    def close(self) -> None:
+        close = getattr(self.chunks, "close", None)
+        if close is not None:
+            close()
+        self.source.close()
 
 
 def media_key(source: bytes | Path, settings: tuple) -> str:
@@ -138,4 +158,4 @@ class MediaCache:
                 stored = torch.cat(kept)
                 self.put(medium.key, CachedMedium(medium.placeholder, stored.pin_memory() if pin else stored))
 
-        return PixelStream(sum(medium.count for medium in media), chunks())
+        return PixelStream(sum(medium.count for medium in media), ReadyChunks(chunks(), pixels))

@@ -1,9 +1,12 @@
 """The scheduler: one background thread owns the model and decodes all running requests in one batch.
 
-Continuous batching: at every step the thread first takes waiting requests while the batch has room,
-prefills each on its own (its own text cache and visual K/V) and samples its first token; a request
-that goes on joins the batch, which then runs one decode step for every row. Rows leave when they hit
-a stop token, a stop string, their `max_tokens`, their deadline, or when the client went away.
+Continuous batching: at every step the thread first takes waiting requests while the batch has room and
+starts their prefills (`StagedPrefill`: each on its own, its own text cache and visual K/V), does one
+piece of prefill work, then runs one decode step for every running row. A piece is one chunk of a
+request's images, or its text once they are all in; while rows are decoding, a chunk whose video frames
+are still being decoded is not waited for, so a long video stalls the running rows by at most one chunk
+of vision work at a time. A prefilled request samples its first token and joins the batch. Rows leave
+when they hit a stop token, a stop string, their `max_tokens`, their deadline, or when the client went away.
 
 Each request samples with its own `SamplingParams` and seeded generator (`sample_row`), so its answer
 does not depend on the other rows. Events reach the request's asyncio queue thread-safely.
@@ -23,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hyperowl.engine.batching import DecodeBatch
-from hyperowl.engine.generate import MODEL_INPUTS, prefill
+from hyperowl.engine.generate import MODEL_INPUTS, StagedPrefill
 from hyperowl.engine.sampling import SamplingParams, sample_row
 from hyperowl.errors import MediaError
 from hyperowl.serve.errors import ApiError, overloaded
@@ -242,6 +245,14 @@ class Row:
         return taken
 
 
+@dataclass
+class Admission:
+    """A request being prefilled: its row (sampler state) and its staged prefill."""
+
+    row: Row
+    prefill: StagedPrefill
+
+
 class Scheduler:
     """Owns the model in a background thread; `submit` jobs from the HTTP side.
 
@@ -273,6 +284,7 @@ class Scheduler:
         self.vision_chunk_size = vision_chunk_size
         self.batch = DecodeBatch(model)
         self.rows: list[Row] = []
+        self.prefilling: deque[Admission] = deque()
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -287,6 +299,11 @@ class Scheduler:
     def active(self) -> int:
         """Rows being decoded."""
         return len(self.rows)
+
+    @property
+    def occupied(self) -> int:
+        """Batch slots taken: rows being decoded and requests being prefilled."""
+        return len(self.rows) + len(self.prefilling)
 
     @property
     def alive(self) -> bool:
@@ -310,7 +327,7 @@ class Scheduler:
     def _check_room(self) -> None:
         if self._stopping or not self.alive:
             raise overloaded("the server is shutting down", "shutting_down")
-        waiting = len(self._pending) + len(self.rows) - self.max_batch_size  # beyond the free batch slots
+        waiting = len(self._pending) + self.occupied - self.max_batch_size  # beyond the free batch slots
         if waiting >= self.max_queue:
             raise overloaded(f"too many requests waiting ({max(waiting, 0)}) (limit max_queue)", "max_queue")
 
@@ -329,12 +346,21 @@ class Scheduler:
             with self._cond:
                 self._stopping = True
                 died = ApiError(500, f"the scheduler stopped: {type(exc).__name__}", type="server_error", code="internal_error")
-                for job in [*self._pending, *(row.job for row in self.rows)]:
+                for job in self._all_jobs():
                     job.emit(Failed(died))
                 self._pending.clear()
                 self.rows = []
+                self._drop_prefills()
             if self.on_death is not None:
                 self.on_death(exc)
+
+    def _all_jobs(self) -> list[Job]:
+        return [*self._pending, *(a.row.job for a in self.prefilling), *(row.job for row in self.rows)]
+
+    def _drop_prefills(self) -> None:
+        for admission in self.prefilling:
+            admission.prefill.close()
+        self.prefilling.clear()
 
     def _serve(self) -> None:
         with torch.inference_mode():
@@ -344,16 +370,18 @@ class Scheduler:
                     break
                 for job in jobs:
                     self._admit(job)
+                self._prefill_piece()
                 if self.rows:
                     self._step()
         stopped = overloaded("the server is shutting down", "shutting_down")
-        for job in [*self._pending, *(row.job for row in self.rows)]:
+        for job in self._all_jobs():
             job.emit(Failed(stopped))
+        self._drop_prefills()
 
     def _take(self) -> list[Job]:
         """Wait until there is work; return the waiting jobs that fit in the batch now."""
         with self._cond:
-            while not self._stopping and not self._pending and not self.rows:
+            while not self._stopping and not self._pending and not self.rows and not self.prefilling:
                 self._cond.wait()
             now = time.monotonic()
             for job in [j for j in self._pending if j.cancelled or now > j.deadline]:
@@ -361,34 +389,65 @@ class Scheduler:
                 if not job.cancelled:
                     job.emit(job.timed_out())
             taken = []
-            while self._pending and len(self.rows) + len(taken) < self.max_batch_size:
+            while self._pending and self.occupied + len(taken) < self.max_batch_size:
                 taken.append(self._pending.popleft())
             return taken
 
     def _admit(self, job: Job) -> None:
-        """Prefill `job` on its own, sample its first token, and let it join the batch unless it is done."""
+        """Start `job`'s prefill (its memory is checked here, before any image is encoded)."""
         try:
             row = Row(job, self.decode, self.stop_ids, self.model.device)
             inputs = {k: job.batch.get(k) for k in MODEL_INPUTS}
             if job.batch.get("media") and self.media_cache is not None:  # kept features, or pixels to encode and keep
                 inputs["pixel_values"] = self.media_cache.feature_stream(self.model, job.batch["media"], self.vision_chunk_size)
-            logits, cache, visual = prefill(self.model, **inputs, vision_chunk_size=self.vision_chunk_size)
-            job.emit(Prefilled())
-            finish = row.accept(row.sample(logits[0]))
-        except MediaError as exc:  # a video that stops decoding while its frames are encoded
-            job.emit(Failed(media_error(str(exc))))
+            self.prefilling.append(Admission(row, StagedPrefill(self.model, **inputs, vision_chunk_size=self.vision_chunk_size)))
+        except Exception as exc:  # noqa: BLE001 - a bad request must not stop the server; logged there
+            self._prefill_failed(job, exc)
+
+    def _prefill_piece(self) -> None:
+        """One piece of prefill work: the next image chunk or the text of the oldest request that can go
+        on without waiting for frames to decode (with no rows running, the oldest, waiting if it must).
+        Cancelled and timed-out requests are dropped first."""
+        now = time.monotonic()
+        for admission in [a for a in self.prefilling if a.row.job.cancelled or now > a.row.job.deadline]:
+            self.prefilling.remove(admission)
+            admission.prefill.close()
+            if not admission.row.job.cancelled:
+                admission.row.job.emit(admission.row.job.timed_out())
+        if not self.prefilling:
             return
-        except Exception as exc:  # a bad request must not stop the server
-            log.exception("prefill failed")
-            job.emit(Failed(ApiError(500, f"prefill failed: {exc}", type="server_error", code="internal_error")))
+        admission = next((a for a in self.prefilling if a.prefill.ready()), None) if self.rows else self.prefilling[0]
+        if admission is None:
+            return
+        job = admission.row.job
+        try:
+            if not admission.prefill.encoded:
+                admission.prefill.advance()
+                return
+            self.prefilling.remove(admission)
+            logits, cache, visual = admission.prefill.finish()
+            job.emit(Prefilled())
+            finish = admission.row.accept(admission.row.sample(logits[0]))
+        except Exception as exc:  # noqa: BLE001 - a bad request must not stop the server; logged there
+            if admission in self.prefilling:
+                self.prefilling.remove(admission)
+            admission.prefill.close()
+            self._prefill_failed(job, exc)
             return
         self.metrics.first_token.observe(time.monotonic() - job.submitted)
         self.metrics.count_tokens(1)
         if finish is not None:
-            self._finish(row, finish)
+            self._finish(admission.row, finish)
             return
         self.batch.join(cache, visual)
-        self.rows.append(row)
+        self.rows.append(admission.row)
+
+    def _prefill_failed(self, job: Job, exc: Exception) -> None:
+        if isinstance(exc, MediaError):  # a video that stops decoding while its frames are encoded
+            job.emit(Failed(media_error(str(exc))))
+            return
+        log.exception("prefill failed", exc_info=exc)
+        job.emit(Failed(ApiError(500, f"prefill failed: {exc}", type="server_error", code="internal_error")))
 
     def _step(self) -> None:
         """One decode step for every row, then drop the rows that are done. A failing batch forward fails
