@@ -20,7 +20,10 @@ if ! $py -c "import av" 2>/dev/null; then
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 film_dir=${FILM_DIR:-$HOME/.cache/hyperowl/films}
-# STAGES picks a subset (a rerun of what changed): cuda_check gpu_speed gpu_kernels first_token movie
+# STAGES picks a subset (a rerun of what changed): cuda_check gpu_speed gpu_kernels first_token movie serve_load.
+# serve_load (GPU serving, 32 clients with 8 images each against one request at a time; about 4 minutes) is
+# not in the default run, which fits in 8 minutes: run it as STAGES="gpu_speed serve_load" (it writes
+# serve_speedup_<N>_clients into limits_7b.json).
 stages=" ${STAGES:-cuda_check gpu_speed gpu_kernels first_token movie} "
 want() { [[ "$stages" == *" $1 "* ]]; }
 if [ "${DRY:-0}" = 1 ]; then
@@ -28,11 +31,13 @@ if [ "${DRY:-0}" = 1 ]; then
   speed_args="--frames 8 --tokens 8 --rounds 1 --chunks 4 8 --no-compile"
   kernel_args="--frames 8 --vision-frames 4 --rounds 1 --no-compile"
   movie_args="--seconds 600 --frames 50 --film-dir /tmp/hyperowl_dry_films"
+  serve_args="--device cpu --random-preset cpu-small --clients 1 4 --requests 1 --rounds 1 --request-images 2 --max-tokens 8 --batch-size 4"
 else
   preset=7b
   speed_args=""
   kernel_args=""
   movie_args="--film-dir $film_dir"
+  serve_args="--device cuda --random-preset 7b --dtype bfloat16 --clients 1 32 --requests 2 --rounds 1 --request-images 8 --max-tokens 64 --batch-size 32"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
   want cuda_check && timeout 150 $py -m benchmarks.cuda_check 2>&1 | tee "$out/cuda_check.txt"
 fi
@@ -41,4 +46,5 @@ want gpu_kernels && timeout 150 $py -m benchmarks.gpu_kernels --preset $preset -
 want first_token && timeout 150 $py -m benchmarks.first_token --preset $preset --out "$out" 2>&1 | tee "$out/first_token_$preset.log"
 # The 2-hour 720p film is made once (about 20 min on 2 cores) and reused from --film-dir: carry it in FILM_DIR.
 want movie && timeout 170 $py -m benchmarks.movie --preset $preset --out "$out" $movie_args 2>&1 | tee "$out/movie_$preset.log"
+want serve_load && timeout 330 $py benchmarks/serve_load.py $serve_args --out "$out/serve_load_$preset.md" --limits "$out/limits_$preset.json" 2>&1 | tee "$out/serve_load_$preset.log"
 exit 0

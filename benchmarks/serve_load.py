@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import datetime
 import io
+import json
 import os
 import platform
 import shlex
@@ -54,8 +55,9 @@ BATCHED = "batched"
 ONE_AT_A_TIME = "one at a time"
 
 
-def cpu_small_checkpoint(path: Path) -> Path:
-    """A random checkpoint small enough for CPU serving benchmarks, with a trained toy tokenizer."""
+def random_checkpoint(path: Path, preset: str, device: str, dtype: str) -> Path:
+    """A random checkpoint of `preset`'s shapes (built on `device` in `dtype`) with a trained toy tokenizer,
+    whose 1,024 tokens are the vocabulary (the only shape that differs from the preset)."""
     import torch
 
     from hyperowl.config import PRESETS
@@ -65,9 +67,16 @@ def cpu_small_checkpoint(path: Path) -> Path:
     corpus = [q + " The square is red. A blue circle on a white background. Picture 3." for q in QUESTIONS] * 50
     tokenizer = train_tokenizer(corpus, vocab_size=1024)
     stops = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
-    config = dataclasses.replace(copy.deepcopy(PRESETS["cpu-small"]), vocab_size=len(tokenizer), eos_token_id=stops)
+    config = dataclasses.replace(copy.deepcopy(PRESETS[preset]), vocab_size=len(tokenizer), eos_token_id=stops)
     torch.manual_seed(0)
-    Owl3ForCausalLM(config).eval().save_pretrained(path)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            model = Owl3ForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(str(path))
     return path
 
@@ -94,7 +103,7 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
     raise TimeoutError(f"server at {url} did not start within {timeout} s")
 
 
-def start_server(model: Path, batch_size: int, threads: int | None, device: str | None) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, batch_size: int, threads: int | None, device: str | None, dtype: str) -> tuple[subprocess.Popen, str]:
     """A `hyperowl serve` subprocess on a free port, answering /health; returns it and its base URL."""
     port = free_port()
     command = [
@@ -117,6 +126,7 @@ def start_server(model: Path, batch_size: int, threads: int | None, device: str 
         command += ["--num-threads", str(threads)]
     if device:
         command += ["--device", device]
+    command += ["--dtype", dtype, "--max-images", "64", "--max-frames", "512"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(command, cwd=REPO, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -126,6 +136,26 @@ def start_server(model: Path, batch_size: int, threads: int | None, device: str 
         proc.kill()
         raise
     return proc, url
+
+
+def video_mp4(seconds: int) -> str:
+    """A data URI of a `seconds`-long 160x96 H.264 mp4 at 4 fps (a moving square; a keyframe every second)."""
+    import av
+    import numpy as np
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 160, 96, "yuv420p"
+        stream.options = {"preset": "ultrafast", "x264-params": "keyint=4:min-keyint=4:scenecut=0"}
+        for i in range(seconds * 4):
+            rgb = np.full((96, 160, 3), 40, dtype=np.uint8)
+            rgb[32:64, (i * 8) % 128 : (i * 8) % 128 + 32] = (220, 40, 40)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return "data:video/mp4;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def tiny_png() -> str:
@@ -147,19 +177,71 @@ class Result:
     tokens: int
     wall_s: float
     latencies: list[float]
+    first_token: list[float]
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.wall_s
 
-    def percentile(self, q: float) -> float:
-        ordered = sorted(self.latencies)
+    def percentile(self, q: float, values: list[float] | None = None) -> float:
+        ordered = sorted(self.latencies if values is None else values)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def load(url: str, mode: str, round_: int, clients: int, per_client: int, max_tokens: int, image: str | None) -> Result:
-    """`clients` threads, each sending `per_client` requests one after the other."""
+@dataclass(frozen=True)
+class Media:
+    """What requests carry: every second request one small picture (`alternate`), or every request
+    `images` pictures and/or a video (data URI, `frames` sampled)."""
+
+    image: str | None = None
+    alternate: bool = True
+    images: int = 0
+    video: str | None = None
+    frames: int = 0
+
+    def parts(self, index: int) -> list[dict]:
+        if self.image is None and self.video is None:
+            return []
+        if self.alternate:
+            return [{"type": "image_url", "image_url": {"url": self.image}}] if index % 2 else []
+        parts = [{"type": "image_url", "image_url": {"url": self.image}}] * self.images
+        if self.video is not None:
+            parts.append({"type": "video_url", "video_url": {"url": self.video, "max_frames": self.frames}})
+        return parts
+
+    def describe(self) -> str:
+        if self.image is None and self.video is None:
+            return "text only"
+        if self.alternate:
+            return "every second request with a 96x64 image"
+        what = [f"{self.images} images of 96x64"] if self.images else []
+        what += [f"a {self.frames}-frame 160x96 video"] if self.video else []
+        return "every request with " + " and ".join(what)
+
+
+def ask(http: httpx.Client, url: str, body: dict) -> tuple[float, float, int]:
+    """One streamed chat completion: seconds to the first answer chunk, to the end, and completion tokens."""
+    start = time.perf_counter()
+    first, tokens = None, 0
+    with http.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}) as response:
+        if response.status_code != 200:
+            raise RuntimeError(response.read().decode()[:300])
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and any(c["delta"].get("content") for c in chunk.get("choices", [])):
+                first = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    end = time.perf_counter() - start
+    return first if first is not None else end, end, tokens
+
+
+def load(url: str, mode: str, round_: int, clients: int, per_client: int, max_tokens: int, media: Media) -> Result:
+    """`clients` threads, each sending `per_client` streamed requests one after the other."""
     latencies: list[float] = []
+    first_tokens: list[float] = []
     tokens = [0]
     lock = threading.Lock()
     errors: list[str] = []
@@ -168,22 +250,21 @@ def load(url: str, mode: str, round_: int, clients: int, per_client: int, max_to
         with httpx.Client(timeout=600) as http:
             for r in range(per_client):
                 text = {"type": "text", "text": QUESTIONS[(index + r) % len(QUESTIONS)]}
-                parts = [{"type": "image_url", "image_url": {"url": image}}, text] if image and (index + r) % 2 else [text]
                 body = {
-                    "messages": [{"role": "user", "content": parts}],
+                    "messages": [{"role": "user", "content": [*media.parts(index + r), text]}],
                     "max_tokens": max_tokens,
                     "temperature": 0,
                     "ignore_eos": True,
                 }
-                start = time.perf_counter()
-                response = http.post(f"{url}/v1/chat/completions", json=body)
-                elapsed = time.perf_counter() - start
-                if response.status_code != 200:
-                    errors.append(response.text)
+                try:
+                    first, elapsed, count = ask(http, url, body)
+                except RuntimeError as exc:
+                    errors.append(str(exc))
                     return
                 with lock:
                     latencies.append(elapsed)
-                    tokens[0] += response.json()["usage"]["completion_tokens"]
+                    first_tokens.append(first)
+                    tokens[0] += count
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     start = time.perf_counter()
@@ -194,7 +275,7 @@ def load(url: str, mode: str, round_: int, clients: int, per_client: int, max_to
     wall = time.perf_counter() - start
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0][:300]}")
-    return Result(mode, round_, clients, len(latencies), tokens[0], wall, latencies)
+    return Result(mode, round_, clients, len(latencies), tokens[0], wall, latencies, first_tokens)
 
 
 def git_commit() -> str:
@@ -225,17 +306,25 @@ def machine_line(device: str) -> str:
 def table(results: list[Result]) -> list[str]:
     """Every burst, in the order it ran, with the speed-up over the other system's burst of the same round."""
     rows = [
-        "| round | clients | mode | requests | tokens/s | requests/s | p50 latency (s) | p99 latency (s) | speed-up |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| round | clients | mode | requests | tokens/s | requests/s | p50 latency (s) | p99 latency (s) | p50 first token (s) | p99 first token (s) | speed-up |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     single = {(r.round, r.clients): r for r in results if r.mode == ONE_AT_A_TIME}
     for r in results:
         speedup = r.tokens_per_s / single[r.round, r.clients].tokens_per_s
         rows.append(
             f"| {r.round} | {r.clients} | {r.mode} | {r.requests} | {r.tokens_per_s:.1f} | {r.requests / r.wall_s:.2f} | "
-            f"{statistics.median(r.latencies):.2f} | {r.percentile(0.99):.2f} | {speedup:.2f}x |"
+            f"{statistics.median(r.latencies):.2f} | {r.percentile(0.99):.2f} | {statistics.median(r.first_token):.2f} | "
+            f"{r.percentile(0.99, r.first_token):.2f} | {speedup:.2f}x |"
         )
     return rows
+
+
+def round_speedups(results: list[Result], clients: int) -> list[float]:
+    """Per round, the batched server's tokens/s over the one-at-a-time server's, at `clients` clients."""
+    batched = sorted((r for r in results if r.clients == clients and r.mode == BATCHED), key=lambda r: r.round)
+    single = sorted((r for r in results if r.clients == clients and r.mode == ONE_AT_A_TIME), key=lambda r: r.round)
+    return [b.tokens_per_s / s.tokens_per_s for b, s in zip(batched, single)]
 
 
 def summary(results: list[Result], clients: list[int]) -> list[str]:
@@ -252,7 +341,7 @@ def summary(results: list[Result], clients: list[int]) -> list[str]:
     for c in clients:
         batched = sorted((r for r in results if r.clients == c and r.mode == BATCHED), key=lambda r: r.round)
         single = sorted((r for r in results if r.clients == c and r.mode == ONE_AT_A_TIME), key=lambda r: r.round)
-        speedups = [b.tokens_per_s / s.tokens_per_s for b, s in zip(batched, single)]
+        speedups = round_speedups(results, c)
         rows.append(
             f"| {c} | {spread([r.tokens_per_s for r in batched], 1)} | {spread([r.tokens_per_s for r in single], 1)} | "
             f"{spread([statistics.median(r.latencies) for r in batched], 2)} | "
@@ -264,6 +353,10 @@ def summary(results: list[Result], clients: list[int]) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="checkpoint (default: bundled model, else cpu-small random)")
+    parser.add_argument(
+        "--random-preset", choices=["cpu-small", "7b"], default=None, help="serve a random checkpoint of these shapes (toy 1,024-token vocabulary)"
+    )
+    parser.add_argument("--dtype", default="float32", help="dtype of the random checkpoint and the servers (float32, bfloat16)")
     parser.add_argument("--device", default="cpu", help="device the servers run on: cpu, cuda, cuda:1 ... (default: cpu)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
@@ -272,7 +365,12 @@ def main() -> int:
     parser.add_argument("--num-threads", type=int, default=None, help="torch threads of each server")
     parser.add_argument("--rounds", type=int, default=3, help="alternating bursts per system and concurrency")
     parser.add_argument("--images", action="store_true", help="every second request carries a small image")
+    parser.add_argument("--request-images", type=int, default=0, help="every request carries this many small images")
+    parser.add_argument("--request-video-frames", type=int, default=0, help="every request carries a video of this many frames")
     parser.add_argument("--out", type=Path, default=None, help="result file (default: benchmarks/results/serve_load_<device>.md)")
+    parser.add_argument(
+        "--limits", type=Path, default=None, help="a limits_<preset>.json (benchmarks/gpu_speed.py) to get serve_speedup_<N>_clients for every N"
+    )
     args = parser.parse_args()
     out = args.out or REPO / "benchmarks" / "results" / f"serve_load_{args.device.split(':')[0]}.md"
     command = "python benchmarks/serve_load.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -282,23 +380,33 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is not None:
             model, name = args.model, f"`{args.model}`"
+        elif args.random_preset is not None:
+            model = random_checkpoint(Path(tmp) / args.random_preset, args.random_preset, args.device, args.dtype)
+            name = f"random {args.random_preset}-shaped checkpoint ({args.dtype}, 1,024-token vocabulary)"
         elif (DEFAULT_MODEL / "config.json").is_file():
             model, name = DEFAULT_MODEL, "bundled default model"
         else:
-            model, name = cpu_small_checkpoint(Path(tmp) / "cpu-small"), "random cpu-small (hidden 256, 4 layers)"
-        image = tiny_png() if args.images else None
+            model, name = random_checkpoint(Path(tmp) / "cpu-small", "cpu-small", "cpu", "float32"), "random cpu-small (hidden 256, 4 layers)"
+        every = bool(args.request_images or args.request_video_frames)
+        media = Media(
+            image=tiny_png() if args.images or args.request_images else None,
+            alternate=not every,
+            images=args.request_images,
+            video=video_mp4(args.request_video_frames) if args.request_video_frames else None,
+            frames=args.request_video_frames,
+        )
         servers: dict[str, tuple[subprocess.Popen, str]] = {}
         results: list[Result] = []
         try:
             for mode, batch_size in ((BATCHED, args.batch_size), (ONE_AT_A_TIME, 1)):
-                servers[mode] = start_server(model, batch_size, args.num_threads, args.device)
+                servers[mode] = start_server(model, batch_size, args.num_threads, args.device, args.dtype)
             for mode, (_, url) in servers.items():
-                load(url, mode, 0, 2, 1, 8, image)  # warm-up
+                load(url, mode, 0, 2, 1, 8, media)  # warm-up
             for round_ in range(1, args.rounds + 1):
                 order = [BATCHED, ONE_AT_A_TIME] if round_ % 2 else [ONE_AT_A_TIME, BATCHED]
                 for clients in args.clients:
                     for mode in order:
-                        result = load(servers[mode][1], mode, round_, clients, args.requests, args.max_tokens, image)
+                        result = load(servers[mode][1], mode, round_, clients, args.requests, args.max_tokens, media)
                         print(f"round {round_}, {clients} clients, {mode}: {result.tokens_per_s:.1f} tokens/s", flush=True)
                         results.append(result)
         finally:
@@ -316,8 +424,8 @@ def main() -> int:
         f"- machine: {machine}",
         f"- date: {started:%Y-%m-%d %H:%M} UTC; git commit {git_commit()}",
         (
-            f"- load: {args.requests} requests per client, {args.max_tokens} tokens each (ignore_eos, greedy)"
-            f"{', every second request with a 96x64 image' if image else ''}; --max-batch-size {args.batch_size} vs 1; "
+            f"- load: {args.requests} requests per client, {args.max_tokens} tokens each (ignore_eos, greedy, streamed: "
+            f"first token = first answer chunk), {media.describe()}; --max-batch-size {args.batch_size} vs 1; "
             f"server threads: {args.num_threads or 'torch default'}; both servers up, bursts alternating"
         ),
         "",
@@ -334,6 +442,12 @@ def main() -> int:
     out.write_text("\n".join(lines))
     print("\n".join(lines))
     print(f"written to {out}")
+    if args.limits is not None and args.limits.is_file():
+        limits = json.loads(args.limits.read_text())
+        for c in args.clients:
+            limits[f"serve_speedup_{c}_clients"] = statistics.median(round_speedups(results, c))
+        args.limits.write_text(json.dumps(limits, indent=1) + "\n")
+        print(f"serve speed-ups written into {args.limits}")
     return 0
 
 
