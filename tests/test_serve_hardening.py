@@ -169,6 +169,48 @@ def test_an_exception_while_sampling_one_row_fails_only_that_row(tiny_model: tup
     assert isinstance(good, Finished) and good.completion_tokens == 300
 
 
+def test_rows_answer_in_a_batch_as_they_answer_alone(tiny_model: tuple[Owl3ForCausalLM, Owl3Processor]) -> None:
+    """Greedy rows (picked together, one read back), a seeded sampled row, a greedy row with a repetition
+    penalty and one with logprobs, decoded in one batch, give the answers each gives alone."""
+    model, processor = tiny_model
+    prompts = ["yes or no", "Describe the picture.", "yes or no", "What colour?", "Count."]
+    params = [
+        SamplingParams(max_new_tokens=12),
+        SamplingParams(max_new_tokens=12),
+        SamplingParams(max_new_tokens=12, do_sample=True, temperature=1.0, seed=3),
+        SamplingParams(max_new_tokens=12, repetition_penalty=1.3),
+        SamplingParams(max_new_tokens=12),
+    ]
+    logprobs = [None, None, None, None, 2]
+
+    async def answers(scheduler: Scheduler) -> list[str]:
+        jobs = [
+            Job(processor([{"role": "user", "content": text}]), p, [], True, 120.0, top_logprobs=k)
+            for text, p, k in zip(prompts, params, logprobs)
+        ]
+        for job in jobs:
+            scheduler.submit(job)
+        texts = []
+        for job in jobs:
+            pieces, event = [], await asyncio.wait_for(job.events.get(), 120)
+            while not isinstance(event, Finished | Failed):
+                pieces += [event.text] if isinstance(event, TextDelta) else []
+                event = await asyncio.wait_for(job.events.get(), 120)
+            assert isinstance(event, Finished)
+            texts.append("".join(pieces))
+        return texts
+
+    results = []
+    for batch_size in (5, 1):
+        scheduler = Scheduler(model, processor.decode, processor.stop_token_ids, ServerMetrics(), max_batch_size=batch_size, max_queue=8)
+        scheduler.start()
+        try:
+            results.append(asyncio.run(answers(scheduler)))
+        finally:
+            scheduler.stop()
+    assert results[0] == results[1]
+
+
 def test_a_prefill_waiting_for_frames_does_not_stall_running_rows(tiny_model: tuple[Owl3ForCausalLM, Owl3Processor]) -> None:
     """A request whose second chunk of frames is still decoding (held back by an event) is prefilled a
     chunk at a time around the running rows: a text request that was decoding finishes all its tokens

@@ -182,6 +182,12 @@ class Row:
         self.count = 0
         self.last = 0
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy without a repetition penalty or logprobs: the token is the argmax, nothing else to keep."""
+        params = self.job.params
+        return params.greedy and params.repetition_penalty == 1.0 and self.job.top_logprobs is None
+
     def sample(self, logits: torch.Tensor) -> int:
         token = sample_row(logits, self.job.params, self.history, self.generator)
         if self.history is not None:
@@ -463,9 +469,12 @@ class Scheduler:
             self.rows, self.batch = [], DecodeBatch(self.model)
             return
         reasons: list[str | None | Exception] = []
+        # plain greedy rows (no penalty, no logprobs) are picked together: one read back for all of them
+        greedy = [i for i, row in enumerate(self.rows) if row.plain_greedy]
+        picked = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}
         for i, row in enumerate(self.rows):
             try:
-                reasons.append(row.accept(row.sample(logits[i])))
+                reasons.append(row.accept(picked[i] if i in picked else row.sample(logits[i])))
             except Exception as exc:
                 log.exception("sampling a row failed")
                 reasons.append(exc)
