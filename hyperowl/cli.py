@@ -20,10 +20,16 @@ COMMANDS = {
 }
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--model/--dtype/--device`, shared by every subcommand that loads a model."""
+    """`--model/--dtype/--device/--compile-vision`, shared by every subcommand that loads a model."""
     parser.add_argument("--model", type=Path, default=None, help="checkpoint directory or Hugging Face Hub repository id (default: the bundled small model)")
     parser.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (checkpoint's own)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument(
+        "--compile-vision",
+        action="store_true",
+        help="compile the vision tower's layers with torch.compile: faster encoding of many images on a GPU, "
+        "after about 12 s of compiling at the first image",
+    )
 
 
 def resolve_device(device: str | None) -> str:
@@ -62,6 +68,8 @@ def load_model_and_processor(args: argparse.Namespace, **processor_overrides):
     device = resolve_device(args.device)
     path = checkpoint_dir(path)  # one Hub look-up for both loaders
     model = Owl3ForCausalLM.from_pretrained(path, dtype=args.dtype, device=device)
+    if args.compile_vision:
+        model.vision_model.compile_layers()
     return model, Owl3Processor.from_pretrained(path, **processor_overrides)
 
 

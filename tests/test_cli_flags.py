@@ -66,3 +66,16 @@ def test_an_empty_question_is_an_error_not_interactive_mode(tiny_checkpoint: Pat
     )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip() == "hyperowl chat: error: the question is empty; leave it out to chat interactively"
+
+
+def test_compile_vision_compiles_every_tower_layer(tiny_checkpoint: Path) -> None:
+    import argparse
+
+    from hyperowl.cli import add_model_arguments, load_model_and_processor
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    for flags, compiled in (([], False), (["--compile-vision"], True)):
+        model, _ = load_model_and_processor(parser.parse_args(["--model", str(tiny_checkpoint), "--device", "cpu", *flags]))
+        layers = model.vision_model.encoder.layers
+        assert all((layer._compiled_call_impl is not None) == compiled for layer in layers)
