@@ -5,6 +5,9 @@
 # Usage (device machine, repo root; .whl carries PyAV, as its wheel or as an installed site folder packed into
 # .whl/*.tar.xz (10 MB smaller); FILM_DIR a film made by benchmarks/movie.py):
 #   bash benchmarks/gpu.sh [OUT_DIR]
+# Packing PyAV (here, once): pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#   --platform manylinux_2_28_x86_64 -d /tmp/w av==18.1.0 && pip install --no-deps --target /tmp/avsite /tmp/w/av-*.whl \
+#   && tar cJf .whl/av-site.tar.xz -C /tmp/avsite .     (with the film, the repository stays under 64 MiB)
 # Dry run on a CPU machine: DRY=1 bash benchmarks/gpu.sh /tmp/out   (tiny presets, no CUDA)
 set -uo pipefail
 out=${1:-${OUT:-benchmarks/results}}
