@@ -247,7 +247,7 @@ def test_a_prefill_waiting_for_frames_does_not_stall_running_rows(tiny_model: tu
         waiter = Job(held, SamplingParams(max_new_tokens=6), [], True, 120.0)
         scheduler.submit(waiter)
         talked = await answer(talker)
-        waiting = scheduler.occupied == 1 and waiter.events.empty()  # still prefilling, nothing sent
+        waiting = len(scheduler.prefilling) == 1 and waiter.events.empty()  # still prefilling, nothing sent
         frames_arrive.set()
         return talked, await answer(waiter), waiting
 
