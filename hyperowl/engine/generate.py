@@ -142,8 +142,9 @@ class StagedPrefill:
             stream = pixel_values if isinstance(pixel_values, PixelStream) else PixelStream(pixel_values.shape[0], [pixel_values])
             self._chunks = iter(stream.chunks)
             positions = prompt_positions(self.attention_mask)
-            steps = model.visual_steps(PixelStream(stream.total, self._chunks), self.media_offset, positions, None, vision_chunk_size, offload)
-            self._steps = steps
+            self._steps = model.visual_steps(
+                PixelStream(stream.total, self._chunks), self.media_offset, positions, None, vision_chunk_size, offload
+            )
 
     @property
     def encoded(self) -> bool:

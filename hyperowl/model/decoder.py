@@ -136,7 +136,7 @@ def flash_decodable(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None)
 def flash_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The flash kernel's attention `[B, g, R, d]` of `q` `[B, g, R, d]` over `k`, `v` `[B, g, N, d]` and its
     log-sum-exp `[B, g, R]` (fp32, natural log, scores scaled by `d ** -0.5`)."""
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)
     return out, lse
 
 
@@ -160,10 +160,11 @@ def few_query_attention(
     g = segments[0][0].shape[1]
     groups = h // g
     folded = fold_groups(q, groups)
-    flash = [(k, v) for k, v, mask in segments if flash_decodable(q, k, mask)]
-    rest = [(k, v, mask) for k, v, mask in segments if not flash_decodable(q, k, mask)]
+    flash, rest = [], []
+    for k, v, mask in segments:
+        (flash if flash_decodable(q, k, mask) else rest).append((k, v, mask))
     parts: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (fp32 output, log-sum-exp or None when alone)
-    for k, v in flash:
+    for k, v, _ in flash:
         out, lse = flash_attention_with_lse(folded, k, v)
         parts.append((out.float(), lse))
     if rest:

@@ -455,11 +455,10 @@ def _scanned(plan: VideoPlan, frame_size: int | None) -> Iterator[tuple[Image.Im
 DECODE_WORKERS = min(8, os.cpu_count() or 1)
 
 
-def _seek_groups(plan: VideoPlan, index: FrameIndex) -> list[list[int]]:
-    """Positions in ``plan.targets`` in runs that one seek serves: targets in the same keyframe interval
-    (``exact``) or with the same nearest keyframe (``keyframe``). Runs are decoded independently."""
-    wanted = [index.pts[t] for t in plan.targets]
-    key = index.keyframe_before if plan.sampling == "exact" else index.nearest_keyframe
+def _seek_groups(wanted: list[int], key: Callable[[int], int]) -> list[list[int]]:
+    """Positions in ``wanted`` (sorted presentation timestamps) in runs that one seek serves: consecutive
+    targets with the same ``key`` (the keyframe interval in ``exact`` mode, the nearest keyframe in
+    ``keyframe`` mode). Runs are decoded independently."""
     groups: list[list[int]] = []
     last = None
     for position, pts in enumerate(wanted):
@@ -476,12 +475,14 @@ def _seeked(plan: VideoPlan, index: FrameIndex, frame_size: int | None) -> Itera
     decoded and converted by up to :data:`DECODE_WORKERS` threads (PyAV and PIL release the GIL while
     they work), each holding its own container; at most two frames per thread (or one run, if longer) are
     decoded ahead of the consumer, so memory stays bounded whatever the frame size."""
-    groups = _seek_groups(plan, index)
+    wanted = [index.pts[t] for t in plan.targets]
+    exact = plan.sampling == "exact"
+    groups = _seek_groups(wanted, index.keyframe_before if exact else index.nearest_keyframe)
     workers = max(1, min(DECODE_WORKERS, len(groups)))
     local = threading.local()
     opened: list[av.container.InputContainer] = []
     lock = threading.Lock()
-    pick = _seek_frames if plan.sampling == "exact" else _keyframe_frames
+    pick = _seek_frames if exact else _keyframe_frames
 
     def decode(group: list[int]) -> list[tuple[Image.Image, float]]:
         if not hasattr(local, "container"):
@@ -492,9 +493,8 @@ def _seeked(plan: VideoPlan, index: FrameIndex, frame_size: int | None) -> Itera
             # One thread per decoder: the parallelism is across seeks, and frame threads would
             # delay each seek's first frame.
             local.stream.thread_type = "SLICE"
-        wanted = [index.pts[plan.targets[p]] for p in group]
-        frames = ((group[i], frame) for i, frame in pick(local.container, local.stream, index, wanted))
-        return list(_converted(plan, local.stream, frames, frame_size))
+        frames = pick(local.container, local.stream, index, [wanted[p] for p in group])
+        return list(_converted(plan, local.stream, ((group[i], frame) for i, frame in frames), frame_size))
 
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hyperowl-decode")
     try:

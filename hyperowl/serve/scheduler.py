@@ -122,6 +122,15 @@ class Job:
         except RuntimeError:
             self.cancel()
 
+    def expired(self, now: float) -> bool:
+        """Whether the job ends before it runs on: cancelled, or past its deadline (then told so)."""
+        if self.cancelled:
+            return True
+        if now > self.deadline:
+            self.emit(self.timed_out())
+            return True
+        return False
+
     def timed_out(self) -> Failed:
         return Failed(
             ApiError(
@@ -390,10 +399,8 @@ class Scheduler:
             while not self._stopping and not self._pending and not self.rows and not self.prefilling:
                 self._cond.wait()
             now = time.monotonic()
-            for job in [j for j in self._pending if j.cancelled or now > j.deadline]:
+            for job in [j for j in self._pending if j.expired(now)]:
                 self._pending.remove(job)
-                if not job.cancelled:
-                    job.emit(job.timed_out())
             taken = []
             while self._pending and self.occupied + len(taken) < self.max_batch_size:
                 taken.append(self._pending.popleft())
@@ -415,11 +422,9 @@ class Scheduler:
         on without waiting for frames to decode (with no rows running, the oldest, waiting if it must).
         Cancelled and timed-out requests are dropped first."""
         now = time.monotonic()
-        for admission in [a for a in self.prefilling if a.row.job.cancelled or now > a.row.job.deadline]:
+        for admission in [a for a in self.prefilling if a.row.job.expired(now)]:
             self.prefilling.remove(admission)
             admission.prefill.close()
-            if not admission.row.job.cancelled:
-                admission.row.job.emit(admission.row.job.timed_out())
         if not self.prefilling:
             return
         admission = next((a for a in self.prefilling if a.prefill.ready()), None) if self.rows else self.prefilling[0]
