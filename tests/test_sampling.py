@@ -16,7 +16,7 @@ from hyperowl.engine.sampling import (
     next_token_distribution,
     pick_tokens,
     row_distribution,
-    sample_row,
+    pick_row,
     seen_mask,
 )
 
@@ -74,7 +74,7 @@ def test_samples_follow_the_distribution_and_the_seed() -> None:
     params = SamplingParams(do_sample=True, temperature=0.9, top_p=0.95, seed=5)
     expected = row_distribution(logits, params, None)
     generator = params.generator(torch.device("cpu"))
-    draws = torch.tensor([sample_row(logits, params, None, generator) for _ in range(20000)])
+    draws = torch.tensor([int(pick_row(logits, params, None, generator)) for _ in range(20000)])
     frequencies = torch.bincount(draws, minlength=len(logits)).double() / len(draws)
     # 20000 draws: the standard error of a frequency is at most 0.0036; 0.015 is four of them
     assert torch.allclose(frequencies, expected, atol=0.015)
@@ -83,7 +83,7 @@ def test_samples_follow_the_distribution_and_the_seed() -> None:
     def draws_with(seed: int) -> list[int]:
         seeded = SamplingParams(do_sample=True, temperature=1.0, seed=seed)
         generator = seeded.generator(torch.device("cpu"))
-        return [sample_row(logits, seeded, None, generator) for _ in range(40)]
+        return [int(pick_row(logits, seeded, None, generator)) for _ in range(40)]
 
     assert draws_with(1) == draws_with(1)
     assert draws_with(1) != draws_with(2)
@@ -95,7 +95,7 @@ def test_tiny_temperatures_stay_finite_and_pick_the_top_token(temperature: float
     params = SamplingParams(do_sample=True, temperature=temperature, repetition_penalty=0.01, seed=0)
     probs = row_distribution(logits, params, torch.tensor([3]))
     assert torch.isfinite(probs).all() and probs.tolist() == [0.0, 1.0, 0.0, 0.0]
-    assert sample_row(logits, params, torch.tensor([3]), params.generator(torch.device("cpu"))) == 1
+    assert int(pick_row(logits, params, torch.tensor([3]), params.generator(torch.device("cpu")))) == 1
 
 
 @pytest.mark.parametrize(
@@ -122,4 +122,4 @@ def test_the_batched_distribution_equals_each_rows(temperature: float, top_k: in
         torch.testing.assert_close(batched[row], row_distribution(logits[row], params, ids), atol=1e-12, rtol=0)
     greedy = SamplingParams(repetition_penalty=penalty)
     picked = pick_tokens(logits, greedy, mask, None)
-    assert picked.tolist() == [sample_row(logits[row], greedy, ids, None) for row, ids in enumerate(seen_ids)]
+    assert picked.tolist() == [int(pick_row(logits[row], greedy, ids, None)) for row, ids in enumerate(seen_ids)]

@@ -789,3 +789,46 @@ def test_media_cache_keeps_the_most_recently_used_within_its_bytes() -> None:
     assert cache.get("huge") is None and len(cache) == 2
     same = media_key(b"film", ("video", 384, 16))
     assert same == media_key(b"film", ("video", 384, 16)) != media_key(b"film", ("video", 384, 8)) != media_key(b"other", ("video", 384, 16))
+
+
+def test_a_decode_step_picks_every_row_on_the_device_and_reads_back_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pick_step` gives each row what it would pick alone (greedy, penalised greedy, seeded sampling,
+    sampling with logprobs), keeps one row's failure to that row, and reads the device back once."""
+    from hyperowl.engine.sampling import pick_row
+    from hyperowl.serve.scheduler import pick_step
+
+    vocab = 50
+    logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(0)) * 3
+    prompt = {"input_ids": torch.tensor([[4, 7, 9]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    settings = [
+        (SamplingParams(), None),
+        (SamplingParams(repetition_penalty=1.5), None),
+        (SamplingParams(do_sample=True, temperature=0.8, top_k=10, seed=3), None),
+        (SamplingParams(do_sample=True, top_p=0.9, seed=4), 3),
+        (SamplingParams(do_sample=True, seed=5), None),
+    ]
+
+    async def run() -> tuple[list[Any], list[Row]]:
+        rows = [Row(Job(prompt, params, [], False, 10.0, top), str, {0}, torch.device("cpu")) for params, top in settings]
+        rows[4].pick = lambda _logits: (_ for _ in ()).throw(ValueError("bad row"))  # type: ignore[method-assign]
+        reads = []
+        for name in ("tolist", "item", "__int__", "__float__", "__bool__"):
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: (reads.append(_n), _o(self, *a))[1])
+        picks = pick_step(rows, logits)
+        monkeypatch.undo()
+        assert reads == ["tolist"]
+        return picks, rows
+
+    picks, rows = asyncio.run(run())
+    alone = []
+    for (params, _), i in zip(settings[:4], range(4)):
+        seen = prompt["input_ids"][0] if params.repetition_penalty != 1.0 else None
+        alone.append(int(pick_row(logits[i], params, seen, params.generator(torch.device("cpu")))))
+    assert [p[0] for p in picks[:4]] == alone
+    assert [p[1] is None for p in picks[:4]] == [True, True, True, False]
+    logprobs = torch.log_softmax(logits[3], -1)
+    top = torch.topk(logprobs, 3)
+    assert picks[3][1] == pytest.approx([float(logprobs[alone[3]]), *top.values.tolist(), *map(float, top.indices)], abs=1e-6)
+    assert isinstance(picks[4], ValueError)
+    assert rows[1].history.tolist() == [4, 7, 9, alone[1]]  # the penalty's history grows on the device

@@ -106,7 +106,8 @@ def row_distribution(logits: torch.Tensor, params: SamplingParams, seen: torch.T
     return next_token_distribution(logits, params, mask)
 
 
-def sample_row(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None, generator: torch.Generator | None) -> int:
-    """Pick the next token from one row's `logits` `[vocab]`; `seen` `[n]` are the ids the penalty applies to."""
+def pick_row(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token of one row's `logits` `[vocab]` as a 0-d tensor on their device (nothing is read
+    back); `seen` `[n]` are the ids the penalty applies to."""
     mask = None if seen is None else seen_mask(seen.to(logits.device), logits.shape[-1])[None]
-    return int(pick_tokens(logits[None], params, mask, generator)[0])
+    return pick_tokens(logits[None], params, mask, generator)[0]

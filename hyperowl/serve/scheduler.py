@@ -8,8 +8,9 @@ are still being decoded is not waited for, so a long video stalls the running ro
 of vision work at a time. A prefilled request samples its first token and joins the batch. Rows leave
 when they hit a stop token, a stop string, their `max_tokens`, their deadline, or when the client went away.
 
-Each request samples with its own `SamplingParams` and seeded generator (`sample_row`), so its answer
-does not depend on the other rows. Events reach the request's asyncio queue thread-safely.
+Each request samples with its own `SamplingParams` and seeded generator (`pick_row`), so its answer
+does not depend on the other rows. Every row's token (and its logprobs) is picked on the device and
+read back together, once per step (`pick_step`). Events reach the request's asyncio queue thread-safely.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 from hyperowl.engine.batching import DecodeBatch
 from hyperowl.engine.generate import MODEL_INPUTS, StagedPrefill
-from hyperowl.engine.sampling import SamplingParams, sample_row
+from hyperowl.engine.sampling import SamplingParams, pick_row
 from hyperowl.errors import MediaError
 from hyperowl.serve.errors import ApiError, overloaded
 from hyperowl.serve.media import media_error
@@ -186,7 +187,6 @@ class Row:
             self.history = job.batch["input_ids"][0][job.batch["attention_mask"][0].bool()].to(device)
         self.ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []  # entries not sent yet
-        self._entry: TokenLogprob | None = None  # of the token `sample` picked last
         self.sent = 0
         self.count = 0
         self.last = 0
@@ -197,37 +197,46 @@ class Row:
         params = self.job.params
         return params.greedy and params.repetition_penalty == 1.0 and self.job.top_logprobs is None
 
-    def sample(self, logits: torch.Tensor) -> int:
-        token = sample_row(logits, self.job.params, self.history, self.generator)
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token from this row's `logits` `[vocab]`, as a 0-d tensor on their device (nothing is
+        read back)."""
+        token = pick_row(logits, self.job.params, self.history, self.generator)
         if self.history is not None:
-            self.history = torch.cat([self.history, self.history.new_tensor([token])])
-        if self.job.top_logprobs is not None:
-            self._entry = self._logprob_entry(logits, token)
+            self.history = torch.cat([self.history, token[None]])
         return token
 
-    def _logprob_entry(self, logits: torch.Tensor, token: int) -> TokenLogprob:
-        """`token`'s logprob under the model's own distribution (before temperature, top-k/p and penalty)
-        and the `top_logprobs` most likely tokens'."""
+    def logprob_figures(self, logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor | None:
+        """What the logprobs entry of `token` needs, on the device, float64 `[1 + 2 n]`: the token's logprob
+        under the model's own distribution (before temperature, top-k/p and penalty), then the `n =
+        top_logprobs` largest logprobs and their ids. None when the request did not ask for logprobs."""
+        if self.job.top_logprobs is None:
+            return None
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        top = torch.topk(logprobs, self.job.top_logprobs) if self.job.top_logprobs else None
+        top = torch.topk(logprobs, self.job.top_logprobs)
+        return torch.cat([logprobs[token][None], top.values, top.indices.float()]).double()
+
+    def _logprob_entry(self, token: int, figures: list[float]) -> TokenLogprob:
+        """The OpenAI entry of `token` from its `logprob_figures`, read back."""
+        n = self.job.top_logprobs or 0
 
         def item(token_id: int, value: float) -> TokenLogprob:
             text = self.decode([token_id])
             return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
 
-        entry = item(token, float(logprobs[token]))
-        entry["top_logprobs"] = [] if top is None else [item(int(i), float(v)) for v, i in zip(top.values, top.indices)]
+        entry = item(token, figures[0])
+        entry["top_logprobs"] = [item(int(i), v) for v, i in zip(figures[1 : 1 + n], figures[1 + n :])]
         return entry
 
-    def accept(self, token: int) -> str | None:
-        """Take the next token, emit the text that is now certain; return a finish reason when done."""
+    def accept(self, token: int, figures: list[float] | None = None) -> str | None:
+        """Take the next token (with its `logprob_figures` read back, when the request asked for logprobs),
+        emit the text that is now certain; return a finish reason when done."""
         self.count += 1
         self.last = token
         if token in self.stop_ids:
             self._send(self.decode(self.ids))
             return "stop"
-        if self._entry is not None:
-            self.logprobs.append(self._entry)
+        if figures is not None:
+            self.logprobs.append(self._logprob_entry(token, figures))
         self.ids.append(token)
         text = self.decode(self.ids)
         hit = self.stops.find(text, self.searched)
@@ -258,6 +267,40 @@ class Row:
             return None
         taken, self.logprobs = self.logprobs, []
         return taken
+
+
+def pick_step(rows: list[Row], logits: torch.Tensor) -> list[tuple[int, list[float] | None] | Exception]:
+    """Every row's next token from its row of `logits` `[B, vocab]`, with its logprob figures when the row
+    asked for them (`Row.logprob_figures`), or the exception that row's own picking raised. Plain greedy
+    rows take the argmax, the others pick with their own settings and generator; all on the device, read
+    back together once."""
+    tokens = logits.argmax(-1)
+    figures: dict[int, torch.Tensor] = {}
+    failed: dict[int, Exception] = {}
+    for i, row in enumerate(rows):
+        if row.plain_greedy:
+            continue
+        try:
+            token = row.pick(logits[i])
+            tokens[i] = token
+            row_figures = row.logprob_figures(logits[i], token)
+            if row_figures is not None:
+                figures[i] = row_figures
+        except Exception as exc:  # noqa: BLE001 - one row's bad settings must not fail the others
+            failed[i] = exc
+    values = torch.cat([tokens.double(), *figures.values()]).tolist()  # the one read back
+    picks: list[tuple[int, list[float] | None] | Exception] = []
+    offset = len(rows)
+    for i in range(len(rows)):
+        if i in failed:
+            picks.append(failed[i])
+            continue
+        row_figures = None
+        if i in figures:
+            size = figures[i].numel()
+            row_figures, offset = values[offset : offset + size], offset + size
+        picks.append((int(values[i]), row_figures))
+    return picks
 
 
 @dataclass
@@ -438,7 +481,10 @@ class Scheduler:
             self.prefilling.remove(admission)
             logits, cache, visual = admission.prefill.finish()
             job.emit(Prefilled())
-            finish = admission.row.accept(admission.row.sample(logits[0]))
+            pick = pick_step([admission.row], logits)[0]
+            if isinstance(pick, Exception):
+                raise pick
+            finish = admission.row.accept(*pick)
         except Exception as exc:  # noqa: BLE001 - a bad request must not stop the server; logged there
             if admission in self.prefilling:
                 self.prefilling.remove(admission)
@@ -474,12 +520,11 @@ class Scheduler:
             self.rows, self.batch = [], DecodeBatch(self.model)
             return
         reasons: list[str | None | Exception] = []
-        # plain greedy rows (no penalty, no logprobs) are picked together: one read back for all of them
-        greedy = [i for i, row in enumerate(self.rows) if row.plain_greedy]
-        picked = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}
-        for i, row in enumerate(self.rows):
+        for row, pick in zip(self.rows, pick_step(self.rows, logits)):
             try:
-                reasons.append(row.accept(picked[i] if i in picked else row.sample(logits[i])))
+                if isinstance(pick, Exception):
+                    raise pick
+                reasons.append(row.accept(*pick))
             except Exception as exc:
                 log.exception("sampling a row failed")
                 reasons.append(exc)
