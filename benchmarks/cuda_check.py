@@ -57,6 +57,7 @@ def batch(model: Owl3ForCausalLM, device: str) -> dict[str, torch.Tensor]:
     s = model.config.vision_config.image_size
     pixels = torch.randn(12, 3, s, s, generator=g)
     out = {"input_ids": ids, "attention_mask": mask, "media_offset": offsets, "pixel_values": pixels}
+    # pixels stay on the host: a CUDA model copies them through its pinned side-stream upload (`uploaded`)
     return {k: v.to(device) if k != "pixel_values" else v for k, v in out.items()}
 
 

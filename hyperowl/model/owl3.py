@@ -6,7 +6,7 @@ generation and memory policy live above it, in `hyperowl.engine`.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -67,6 +67,30 @@ class PixelStream:
 
     total: int
     chunks: Iterable[torch.Tensor]
+
+
+def uploaded(parts: Iterable[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+    """`parts` on `device`, each moved when it is asked for. To a CUDA device a host part is copied from
+    pinned memory on a side stream, and the current stream waits for the copy on the device, not the
+    host: the host goes on queueing work while the copy runs beside the work queued before it (a copy
+    from pageable memory would block the host until the GPU has finished that work)."""
+    if device.type != "cuda":
+        yield from (part.to(device) for part in parts)
+        return
+    copies = torch.cuda.Stream(device)
+    current = torch.cuda.current_stream(device)
+    for part in parts:
+        if part.device == device:
+            yield part
+            continue
+        pinned = part if part.is_pinned() else part.pin_memory()
+        with torch.cuda.stream(copies):
+            moved = pinned.to(device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(copies)
+        current.wait_event(done)
+        moved.record_stream(current)  # the allocator must not reuse it while the current stream reads it
+        yield moved
 
 
 @dataclass
@@ -275,11 +299,10 @@ class Owl3Model(nn.Module):
     ) -> int:
         """Encode one chunk of a `PixelStream` (pixels, or features as they are), `chunk` images at a time,
         into `visual` as global images `first, first + 1, ...` of `total`; return the images written so far."""
-        for i in range(0, pixels.shape[0], chunk):
-            part = pixels[i : i + chunk]
-            if first + part.shape[0] > total:
-                raise PromptError(f"got more than the {total} images the prompt has <|image|> tokens for")
-            features = part.to(self.device, self.dtype) if part.dim() == 3 else self.encode_chunk(part)
+        if first + pixels.shape[0] > total:
+            raise PromptError(f"got more than the {total} images the prompt has <|image|> tokens for")
+        for part in uploaded((pixels[i : i + chunk] for i in range(0, pixels.shape[0], chunk)), self.device):
+            features = part.to(self.dtype) if part.dim() == 3 else self.encode_chunk(part)
             self.write_visual(visual, features, first, rows, positions)
             first += part.shape[0]
         return first
