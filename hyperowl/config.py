@@ -253,6 +253,11 @@ class GenerationConfig:
                 raise CheckpointError(f"{file}: {rule}")
         return config
 
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write ``path/generation_config.json`` with these defaults (the keys read above; others a file
+        it was read from had, such as token ids, are not kept)."""
+        (Path(path) / GENERATION_CONFIG_FILE).write_text(json.dumps(self.sampling_kwargs(), indent=2) + "\n")
+
     def sampling_kwargs(self) -> dict[str, Any]:
         """The defaults as ``SamplingParams`` keyword arguments (``max_new_tokens`` only when set)."""
         out = dataclasses.asdict(self)

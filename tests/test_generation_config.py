@@ -121,3 +121,23 @@ def test_serve_request_fields_over_model_defaults(tiny_checkpoint):
     assert params(GenerationConfig(), temperature=0.9).do_sample
     assert params(GenerationConfig(max_new_tokens=40)).max_new_tokens == 40
     assert params(GenerationConfig(max_new_tokens=10**6)).max_new_tokens == settings.max_tokens
+
+
+def test_a_fine_tune_keeps_the_sampling_defaults_of_its_starting_checkpoint(sampled_checkpoint, tmp_path):
+    """The checkpoints and the export of a run started from a checkpoint with generation_config.json
+    sample as that checkpoint did; a model saved from Python writes its own defaults."""
+    from hyperowl.train.config import TrainConfig
+    from hyperowl.train.trainer import Trainer
+
+    cfg = TrainConfig.from_dict({
+        "output_dir": str(tmp_path / "run"), "export_dir": str(tmp_path / "export"), "init_from": str(sampled_checkpoint),
+        "synthetic_tasks": {"single": 1}, "policy": "hyper", "steps": 2, "batch_size": 2, "save_every": 2,
+        "progress": False, "num_threads": 1,
+    })  # fmt: skip
+    Trainer(cfg).train()
+    for path in (tmp_path / "export", tmp_path / "run" / "checkpoint-2"):
+        assert GenerationConfig.from_pretrained(path).sampling_kwargs() == OFFICIAL_PARAMS
+    model = Owl3ForCausalLM.from_pretrained(sampled_checkpoint)
+    model.generation_config.temperature = 0.3
+    model.save_pretrained(tmp_path / "saved")
+    assert GenerationConfig.from_pretrained(tmp_path / "saved") == model.generation_config

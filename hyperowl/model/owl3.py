@@ -421,5 +421,7 @@ class Owl3Model(nn.Module):
         return load_checkpoint(cls, path, dtype=dtype, device=device)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
-        """Write config.json and safetensors shards (with an index when sharded) in the official layout."""
+        """Write config.json, generation_config.json (`generation_config`) and safetensors shards (with an
+        index when sharded) in the official layout."""
         save_checkpoint(self, path, max_shard_bytes=max_shard_bytes)
+        self.generation_config.save_pretrained(path)

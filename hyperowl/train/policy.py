@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from hyperowl.config import PRESETS, Owl3Config, VisionConfig
+from hyperowl.config import PRESETS, GenerationConfig, Owl3Config, VisionConfig
 from hyperowl.engine.generate import Owl3ForCausalLM
 from hyperowl.processing.processor import Owl3Processor
 from hyperowl.processing.tokenizer import ENDOFTEXT, IM_END, train_tokenizer
@@ -146,11 +146,13 @@ def merged_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dict[st
     return merged
 
 
-def save_merged(state: dict[str, torch.Tensor], config: Owl3Config, path: str | Path) -> None:
-    """Write a (merged) state dict as an official checkpoint: config.json + safetensors."""
+def save_merged(state: dict[str, torch.Tensor], config: Owl3Config, generation: GenerationConfig, path: str | Path) -> None:
+    """Write a (merged) state dict as an official checkpoint: config.json, generation_config.json (the
+    sampling defaults `generation`, kept from the checkpoint training started from) + safetensors."""
     with torch.device("meta"):
         plain = Owl3ForCausalLM(config)
     plain.load_state_dict(state, strict=True, assign=True)
+    plain.generation_config = generation
     plain.save_pretrained(path)
 
 

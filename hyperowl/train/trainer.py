@@ -374,7 +374,7 @@ class Trainer:
             final, path = path, path.with_name(path.name + ".tmp")
             if path.exists():
                 shutil.rmtree(path)
-            save_merged(merged_state_dict(full, self.cfg.lora_alpha / self.cfg.lora_r), self.model.config, path)
+            save_merged(merged_state_dict(full, self.cfg.lora_alpha / self.cfg.lora_r), self.model.config, self.model.generation_config, path)
             self.processor.save_pretrained(path)
             if trainer_state:
                 state = {
