@@ -31,6 +31,7 @@ from hyperowl.engine.generate import Owl3ForCausalLM
 from hyperowl.processing.retrieval import RAG_QUESTION
 from hyperowl.rag import PictureEmbedder, RagIndex, build_index
 from hyperowl.synthetic.ragkb import write_rag_kb
+from hyperowl.synthetic.tasks import concept_text
 
 
 def run_size(n: int, queries: int, k: int, work: Path, embedder: PictureEmbedder, batch_size: int) -> dict:
@@ -49,7 +50,7 @@ def run_size(n: int, queries: int, k: int, work: Path, embedder: PictureEmbedder
         began = time.perf_counter()
         top = index.search(image=folder / row["image"], text=RAG_QUESTION, k=k)
         latencies.append(time.perf_counter() - began)
-        hits += any(r.text.startswith(f"a {row['colour']} {row['shape']} is a ") for r in top)
+        hits += any(r.text == concept_text(row['colour'], row['shape'], row['name']) for r in top)
     latencies.sort()
     size_mb = sum(p.stat().st_size for p in (folder / "index").rglob("*") if p.is_file()) / 2**20
     return {

@@ -18,7 +18,7 @@ from hyperowl.cli import DEFAULT_MODEL, main
 from hyperowl.engine.generate import Owl3ForCausalLM
 from hyperowl.processing.processor import Owl3Processor
 from hyperowl.processing.retrieval import RAG_QUESTION, PromptItem, cited_pictures, rag_prompt
-from hyperowl.processing.tokenizer import IMAGE_TOKEN
+from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
 from hyperowl.rag import (
     KnowledgeBaseError,
     PictureEmbedder,
@@ -66,9 +66,10 @@ def write_kb(folder: Path, n: int = 8, lines: list[dict] | None = None) -> Path:
     return kb
 
 
-def test_prompt_layout_numbers_pictures_after_their_descriptions():
-    prompt = rag_prompt([PromptItem("a red circle is a diro"), PromptItem("notes", media="")], "What is this?")
-    assert prompt == f"{IMAGE_TOKEN} a red circle is a diro, picture 1\nnotes, picture 2\n{IMAGE_TOKEN}\nWhat is this?"
+def test_prompt_layout_numbers_each_picture_before_its_description():
+    items = [PromptItem("a diro is a red circle"), PromptItem("notes", media=""), PromptItem("", media="video")]
+    prompt = rag_prompt(items, "What is this?")
+    assert prompt == f"{IMAGE_TOKEN} 1: a diro is a red circle\n2: notes\n{VIDEO_TOKEN} 3\n{IMAGE_TOKEN}\nWhat is this?"
     assert cited_pictures("a diro, picture 2; see Picture 1 and picture 2, not picture 7", 3) == [2, 1]
 
 
@@ -220,7 +221,7 @@ def test_ask_shows_the_retrieved_items_and_the_query_picture(tmp_path, tiny, tin
     result = answerer.ask("Which violin?", picture(5), k=3)
     assert result.retrieved[0].id == "item5" and len(result.retrieved) == 3
     content = seen["messages"][0]["content"]
-    assert content.startswith(f"{IMAGE_TOKEN} a magenta violin, picture 1\n") and content.endswith(f"{IMAGE_TOKEN}\nWhich violin?")
+    assert content.startswith(f"{IMAGE_TOKEN} 1: a magenta violin\n") and content.endswith(f"{IMAGE_TOKEN}\nWhich violin?")
     assert len(seen["images"]) == 4 and np.array_equal(np.asarray(seen["images"][-1]), np.asarray(picture(5)))
     assert result.citations == cite(result.answer, result.retrieved)
     picture(5).save(tmp_path / "q.png")
@@ -256,22 +257,25 @@ def test_serve_answers_with_citations_and_refuses_an_unknown_index(tmp_path, tin
         assert bad.json()["error"]["message"] == "unknown retrieval index 'nope'; this server has kb"
 
 
-def test_synthetic_rag_task_answers_with_the_matching_description_and_its_number():
+def test_synthetic_rag_task_walks_the_descriptions_to_the_query_concept_and_cites_it():
     tokenizer = Owl3Processor.from_pretrained(DEFAULT_MODEL).tokenizer
     for i in range(20):
         sample = make_sample("rag", 5, i, TaskOptions(rag_pictures=(2, 8)))
         lines = sample.question.split("\n")[:-2]
         assert 2 <= len(lines) == len(sample.images) - 1 <= 8
+        assert sample.question.endswith(f"{IMAGE_TOKEN}\n{RAG_QUESTION}")
         number = int(sample.answer.rsplit(" ", 1)[1])
-        description = lines[number - 1].removeprefix(IMAGE_TOKEN + " ")
-        assert sample.answer == description and sample.question.endswith(f"{IMAGE_TOKEN}\n{RAG_QUESTION}")
-        colour = description.split()[1]
+        listed = [line.removeprefix(f"{IMAGE_TOKEN} ") for line in lines]  # "3: a witro is a red circle"
+        concept = " ".join(listed[number - 1].split()[-2:])
+        # the query's concept, every description up to the one of that concept, then its number
+        assert sample.answer == f"a {concept}: {', '.join(listed[:number])}, picture {number}"
+        assert [" ".join(line.split()[-2:]) for line in listed].count(concept) == 1
+        colour = concept.split()[0]
         assert (np.asarray(sample.images[-1]) == COLOURS[colour]).all(-1).any()  # a fresh drawing of that concept
         assert not np.array_equal(np.asarray(sample.images[-1]), np.asarray(sample.images[number - 1]))
-        names = [line.split(" is a ")[1].split(",")[0] for line in lines]
+        names = [line.split()[2] for line in listed]
         assert len({n[: len(s)] for n in names for s in NAME_STARTS if n.startswith(s)}) == len(names)
-        name = description.split(" is a ")[1].split(",")[0]
-        assert len(tokenizer.encode(" " + name)) == 2
+        assert all(len(tokenizer.encode(" " + name)) == 2 for name in names)
 
 
 def test_a_large_index_searches_through_an_ivf_index_with_the_same_results(tmp_path, tiny, monkeypatch):
@@ -318,7 +322,7 @@ def test_video_and_text_only_items_are_indexed_and_shown_with_their_placeholders
     retrieved = answerer.retrieve("film", k=2)
     assert {r.id for r in retrieved} == {"film", "note"}
     content = rag_messages(retrieved, "Which film?", has_query_image=False)[0]["content"]
-    lines = {"film": f"{VIDEO_TOKEN} a short film", "note": "a film note"}
-    assert content == "".join(f"{lines[r.id]}, picture {n}\n" for n, r in enumerate(retrieved, 1)) + "Which film?"
+    lines = {"film": (f"{VIDEO_TOKEN} ", "a short film"), "note": ("", "a film note")}
+    assert content == "".join(f"{lines[r.id][0]}{n}: {lines[r.id][1]}\n" for n, r in enumerate(retrieved, 1)) + "Which film?"
     result = answerer.ask("Which film?", k=2)  # the video is decoded and shown; no query picture
     assert [r.id for r in result.retrieved] == [r.id for r in retrieved]

@@ -1,10 +1,9 @@
 """Prompt layout of retrieval-augmented questions: retrieved items as numbered pictures with their
 descriptions, then the query picture and the question.
 
-Each retrieved item is one line, `<|image|> {text}, picture {i}` (the placeholder only when the item
-has a picture, `<|video|>` for a video). The number follows the description so that an answer which
-repeats the matching description ("a red circle is a dile, picture 3") reads its number right after
-the words it copied. Answers cite items as "picture N" (`cited_pictures`).
+Each retrieved item is one line, `<|image|> {i}: {text}` (the placeholder only when the item has a
+picture, `<|video|>` for a video): the picture, its number, its description, as the pictures of a
+numbered set are listed (`<|image|> 3`). Answers cite items as "picture N" (`cited_pictures`).
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ def item_line(number: int, item: PromptItem) -> str:
     """The prompt line of retrieved item `number` (1-based)."""
     placeholder = {"image": IMAGE_TOKEN + " ", "video": VIDEO_TOKEN + " ", "": ""}[item.media]
     text = item.text.strip()
-    return f"{placeholder}{text + ', ' if text else ''}picture {number}\n"
+    return f"{placeholder}{number}{': ' + text if text else ''}\n"
 
 
 def rag_prompt(items: list[PromptItem], question: str = RAG_QUESTION, query_media: str = "image") -> str:

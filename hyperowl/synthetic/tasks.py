@@ -19,19 +19,22 @@ Tasks (chance level in brackets):
               after X [1/number of shapes]
   sequence    K pictures, one per user turn ("Picture i: <|image|>"), each named by the assistant as
               it arrives; scored on the last turn [1/24]. It teaches reading the newest picture.
-  repeat      text only: "Repeat: w1 ... wn" -> "w1 ... wn" (8-20 words). It teaches copying what
-              followed an earlier occurrence of a token (induction heads), the recall that the
-              picture look-ups build on.
+  repeat      text only: "Repeat: w1 ... wn" -> "w1 ... wn" (8-20 words, invented names among them). It
+              teaches copying what followed an earlier occurrence of a token (induction heads), the
+              recall that the picture look-ups build on, for every token that a copy may meet.
   lookup      text only: K pictures described in a numbered list ("3 blue cross"), then "which picture
               shows X", answered with the distractor task's walk. It teaches the walk's counting and
               stopping without pictures.
   rag         retrieval-augmented naming: K retrieved pictures of distinct shapes, each with a description
-              that gives it an invented name ("a red circle is a dile"), laid out as
-              `hyperowl.processing.retrieval.rag_prompt` does, then a new picture of one of them drawn
-              afresh and "What is this called? Say which picture told you."; answered by repeating the
-              matching description and its number ("a red circle is a dile, picture 3") [1/K]. Names are
-              fresh per sample (two tokens, distinct first tokens), so they can only be read, not remembered.
-
+              that gives it an invented name ("a dile is a red circle"), laid out as
+              `hyperowl.processing.retrieval.rag_prompt` does (`<|image|> 3: a dile is a red circle`), then
+              a new picture of one of them drawn afresh and "What is this called? Say which picture told
+              you."; answered by naming the query picture's concept, then walking the descriptions in order
+              until the one of that concept, then citing its number ("a red circle: 1: a lepe is a blue
+              cross, 2: a dile is a red circle, picture 2") [1/K]. The walk is the `lookup` task's: every
+              step copies the token that followed the one just written, and stopping compares the two words
+              just copied with the two said first. Names are fresh per sample (two tokens, distinct first
+              tokens), so they can only be read, not remembered.
 With `TaskOptions.choice_probability`, questions of the tasks in `CHOICE_TASKS` are asked as lettered
 multiple-choice prompts instead (the layout `hyperowl eval` uses), answered with the option's letter.
 """
@@ -187,7 +190,14 @@ def make_lookup(rng: random.Random, opts: TaskOptions) -> Sample:
     return Sample("lookup", _qa(f"{listing}Which picture shows a {colour} {shape}?", answer), answer=answer)
 
 
-#: Words of the `repeat` task: numbers, colours, shapes, letters and the other words of the questions.
+#: Invented names of the rag task are one of these starts and one of `NAME_ENDS`; the tokenizer of the
+#: bundled model reads each such name as exactly two tokens (" di" + "ro").
+NAME_STARTS: tuple[str, ...] = ("di", "le", "ha", "cho", "wit", "giv", "sam", "man")
+NAME_ENDS: tuple[str, ...] = ("ag", "ro", "pe", "ly", "sw", "ow", "ir", "qu", "io", "ye", "de", "lo", "am", "be", "fo", "ic", "st", "te")
+
+
+#: Words of the `repeat` task: numbers, colours, shapes, letters, the other words of the questions and
+#: the rag task's invented names (a copy only works for tokens it was trained to copy).
 REPEAT_WORDS: tuple[str, ...] = (
     *(str(i) for i in range(1, 100)),
     *COLOURS,
@@ -195,6 +205,7 @@ REPEAT_WORDS: tuple[str, ...] = (
     *(chr(c) for c in range(ord("A"), ord("Z") + 1)),
     *("picture", "video", "shape", "colour", "first", "last", "after", "before", "yes"),
     *("no", "what", "which", "show", "is", "the", "a", "in", "of"),
+    *(start + end for start in NAME_STARTS for end in NAME_ENDS),
 )
 
 
@@ -213,12 +224,6 @@ def make_sequence(rng: random.Random, opts: TaskOptions) -> Sample:
     return Sample("sequence", messages, images, answer=messages[-1]["content"])
 
 
-#: Invented names of the rag task are one of these starts and one of `NAME_ENDS`; the tokenizer of the
-#: bundled model reads each such name as exactly two tokens (" di" + "ro").
-NAME_STARTS: tuple[str, ...] = ("di", "le", "ha", "cho", "wit", "giv", "sam", "man")
-NAME_ENDS: tuple[str, ...] = ("ag", "ro", "pe", "ly", "sw", "ow", "ir", "qu", "io", "ye", "de", "lo", "am", "be", "fo", "ic", "st", "te")
-
-
 def invented_names(rng: random.Random, k: int) -> list[str]:
     """`k` invented names with distinct starts ("diro", "lepe", ...)."""
     if not 1 <= k <= len(NAME_STARTS):
@@ -227,8 +232,8 @@ def invented_names(rng: random.Random, k: int) -> list[str]:
 
 
 def concept_text(colour: str, shape: str, name: str) -> str:
-    """The description that names a concept: "a red circle is a diro"."""
-    return f"a {colour} {shape} is a {name}"
+    """The description that names a concept: "a diro is a red circle"."""
+    return f"a {name} is a {colour} {shape}"
 
 
 def make_rag(rng: random.Random, opts: TaskOptions) -> Sample:
@@ -240,7 +245,9 @@ def make_rag(rng: random.Random, opts: TaskOptions) -> Sample:
     images = [shape_picture(rng, opts.image_size, *combo)[0] for combo in combos]
     images.append(shape_picture(rng, opts.image_size, *combos[target])[0])
     prompt = rag_prompt([PromptItem(t) for t in texts], RAG_QUESTION)
-    answer = f"{texts[target]}, picture {target + 1}"
+    colour, shape = combos[target]
+    walk = ", ".join(f"{i}: {text}" for i, text in enumerate(texts[: target + 1], 1))
+    answer = f"a {colour} {shape}: {walk}, picture {target + 1}"
     return Sample("rag", _qa(prompt, answer), images, answer=answer)
 
 
