@@ -1,7 +1,7 @@
 """A generated knowledge base for retrieval: pictures of invented concepts with their descriptions.
 
-Each of the 24 colour-shape concepts gets one invented name for the whole KB ("a red circle is a
-diro"); every item is a fresh drawing of its concept (`shape_picture`: size, position and background
+Each of the 24 colour-shape concepts gets one invented name for the whole KB ("a diro is a red
+circle"); every item is a fresh drawing of its concept (`shape_picture`: size, position and background
 vary). Query pictures are drawn afresh from another seed, so none of them is in the KB.
 """
 
