@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     res = {"command": command, "machine": machine(), "date": time.strftime("%Y-%m-%d"), "model": model_name,
            "items": args.items, "results": rows}  # fmt: skip
     lines = [
-        f"# hyperowl rag answers ({res['date']})", "", f"`{command}`", "", f"Machine: {res['machine']}; model {model_name}; "
-        f"{args.items} KB items, {len(queries)} query pictures drawn afresh.", "",
+        f"# hyperowl rag answers ({res['date']})", "", f"`{command}`", "",
+        f"Machine: {res['machine']}; model {model_name}; {args.items} KB items, {len(queries)} query pictures drawn afresh.", "",
         "| k | right (names + cites) | names | cites | retrieved (ceiling) | p50 s per question |", "|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for r in rows:

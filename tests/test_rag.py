@@ -16,6 +16,7 @@ from PIL import Image
 
 from hyperowl.cli import DEFAULT_MODEL, main
 from hyperowl.engine.generate import Owl3ForCausalLM
+from hyperowl.engine.sampling import SamplingParams
 from hyperowl.processing.processor import Owl3Processor
 from hyperowl.processing.retrieval import RAG_QUESTION, PromptItem, cited_pictures, rag_prompt
 from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
@@ -242,14 +243,17 @@ def test_serve_answers_with_citations_and_refuses_an_unknown_index(tmp_path, tin
     build_index(write_kb(tmp_path), tmp_path / "index", embedder, "tiny", progress=False)
     app = create_app(model, processor, ServerSettings(), {"kb": RagIndex(tmp_path / "index", embedder, "tiny")})
     buffer = io.BytesIO()
-    picture(2).save(buffer, format="PNG")
+    wide = picture(2).resize((96, 32))  # a shape the processor would cut into tiles
+    wide.save(buffer, format="PNG")
     query = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()}}
     request = {"messages": [{"role": "user", "content": [query, {"type": "text", "text": "Which teapot?"}]}],
                "max_tokens": 6, "temperature": 0, "retrieval": {"index": "kb", "k": 3}}
+    asked = RagAnswerer(model, processor, tmp_path / "index", "tiny").ask("Which teapot?", wide, k=3, params=SamplingParams(max_new_tokens=6))
     with TestClient(app) as client:
         body = client.post("/v1/chat/completions", json=request).json()
         assert body["retrieved"][0]["id"] == "item2" and len(body["retrieved"]) == 3
         message = body["choices"][0]["message"]
+        assert message["content"] == asked.answer and body["retrieved"] == asked.as_dict()["retrieved"]  # the same prompt, uncut
         shown = [Retrieved(r["id"], r["image"] or "", r["video"] or "", r["text"], r["score"]) for r in body["retrieved"]]
         assert message["citations"] == [c.as_dict() for c in cite(message["content"], shown)]
         bad = client.post("/v1/chat/completions", json={**request, "retrieval": {"index": "nope"}})

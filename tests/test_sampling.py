@@ -14,9 +14,9 @@ from transformers import (
 from hyperowl.engine.sampling import (
     SamplingParams,
     next_token_distribution,
+    pick_row,
     pick_tokens,
     row_distribution,
-    pick_row,
     seen_mask,
 )
 
