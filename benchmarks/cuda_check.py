@@ -1,7 +1,8 @@
 """CUDA correctness check of the long-input paths against the fp32 CPU model (tiny random config):
 chunked encoding, blocked cross-attention (mem-efficient/flash kernels on the GPU), pinned-CPU
 offload, fp8/bf16 visual K/V storage, bf16 model, greedy generation, CUDA-graph decode steps against
-eager ones; then the 7B-shaped model in bf16 against the same model in fp32 (greedy tokens on random
+eager ones; the bundled (trained) model in bf16 on the GPU against fp32 on the CPU (greedy tokens on
+prompts of the synthetic tasks); then the 7B-shaped model in bf16 against the same model in fp32 (greedy tokens on random
 prompts with images and on text-only prompts, where transformers' Qwen2 with the same weights runs beside
 it as a peer; every first difference is checked for a near tie). Exit code 1 on any failure.
 
@@ -19,8 +20,11 @@ import torch
 
 from hyperowl.config import PRESETS
 from hyperowl.engine.generate import DecodeStep, Owl3ForCausalLM, prefill
+from hyperowl.hub import DEFAULT_MODEL
 from hyperowl.model import decoder
 from hyperowl.model.owl3 import VisualOptions
+from hyperowl.processing.processor import Owl3Processor
+from hyperowl.synthetic.accuracy import greedy_agreement, parity_samples
 
 IMG = 7
 
@@ -280,6 +284,17 @@ def main(argv: list[str] | None = None) -> int:
             f"max |logit diff| {worst:.2e} (tol 0.05), greedy tokens {'equal' if same else 'differ'}, {calls} flash calls"
         )
         gpu.float()
+    # trained weights: the bundled model in bf16 on the GPU against fp32 on the CPU
+    agree = greedy_agreement(
+        Owl3ForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32),
+        Owl3ForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.bfloat16, device="cuda"),
+        Owl3Processor.from_pretrained(DEFAULT_MODEL),
+        parity_samples(),
+    )
+    ok = sum(agree) >= 0.9 * len(agree)
+    failures += not ok
+    print(f"{'PASS' if ok else 'FAIL'} bundled model (trained) bf16 on CUDA vs fp32 on CPU, greedy tokens (up to 32): "
+          f"{sum(agree)}/{len(agree)} prompts with pictures agree", flush=True)  # fmt: skip
     if args.parity_prompts:
         for name, parity in parity_7b(args.parity_prompts, args.parity_tokens).items():
             ok = parity.agree >= 0.9 * args.parity_prompts

@@ -69,3 +69,24 @@ def evaluate_tasks(
             correct += sum(a == s.answer for a, s in zip(answers, samples))
         accuracy[task] = correct / n
     return accuracy
+
+
+#: Tasks of the precision-parity prompts (`parity_samples`): pictures or a video in every prompt, answers of
+#: up to 32 tokens (the rag walks and "which picture" walks are the long ones).
+PARITY_TASKS = ("rag", "distractor", "video", "rag", "sequence", "distractor", "compare", "rag", "video", "rag")
+
+
+def parity_samples(seed: int = 99) -> list[Sample]:
+    """One sample of each of `PARITY_TASKS` (4-8 retrieved pictures, 4-16 distractors)."""
+    opts = TaskOptions(rag_pictures=(4, 8), distractors=(4, 16))
+    return [make_sample(task, seed, i, opts) for i, task in enumerate(PARITY_TASKS)]
+
+
+@torch.inference_mode()
+def greedy_agreement(
+    reference: Owl3ForCausalLM, other: Owl3ForCausalLM, processor: Owl3Processor, samples: list[Sample], max_new_tokens: int = 32
+) -> list[bool]:
+    """Whether `other` (e.g. the bf16 model on a GPU) answers each sample with the same greedy tokens as
+    `reference` (e.g. the fp32 model on the CPU), up to `max_new_tokens` or the stop token."""
+    answers = [[answer_samples(model, processor, [s], max_new_tokens=max_new_tokens)[0] for s in samples] for model in (reference, other)]
+    return [a == b for a, b in zip(*answers)]
