@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import hmac
 import json
 import logging
@@ -226,9 +225,6 @@ def create_app(
     metrics.batch_size.set_function(lambda: scheduler.active)
     max_context = model.config.max_position_embeddings
     created = int(time.time())
-    # retrieval prompts show every picture as one global view, as `hyperowl rag ask` does
-    uncut = copy.copy(processor)
-    uncut.cut_enable = False
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -339,9 +335,9 @@ def create_app(
         retrieved = None
         if body.retrieval is not None:
             body, retrieved = await apply_retrieval(body, rag_indexes or {}, settings)
-        job = await prepare_job(
-            body, processor if retrieved is None else uncut, settings, max_context, model.generation_config, decode_gate, media_cache
-        )
+        # retrieval prompts show every picture as one global view, as `hyperowl rag ask` does
+        cut = None if retrieved is None else False
+        job = await prepare_job(body, processor, settings, max_context, model.generation_config, decode_gate, media_cache, cut)
         scheduler.submit(job)
         metrics.prompt_tokens.inc(job.prompt_tokens)
         ident = f"chatcmpl-{uuid.uuid4().hex}"

@@ -119,6 +119,7 @@ def process(
     processor: Owl3Processor,
     settings: ServerSettings,
     media_cache: MediaCache | None = None,
+    cut_enable: bool | None = None,
 ) -> dict[str, Any]:
     """Load the images and plan the videos within the limits, and run the processor (CPU work: call it
     in a thread). Video frames are decoded later, in the scheduler, while the model encodes them.
@@ -126,7 +127,9 @@ def process(
     With `media_cache`, a medium found there is not decoded at all: the prompt takes its kept expansion
     and the model its kept features; the others are expanded one by one and handed to the scheduler as
     views to encode and keep (`batch["media"]`, a `MediumInput` per medium in prompt order).
+    Images are cut into tiles as `cut_enable` says (None: as the processor does).
     """
+    cut = processor.cut_enable if cut_enable is None else cut_enable
     if media_cache is None or not media:
         images, videos = [], []
         for part, source in zip(media, sources):
@@ -136,7 +139,7 @@ def process(
                 videos.append(plan_checked_video(source, len(videos), processor.video_fps, part.max_frames, settings, part.sampling))
                 check_frames(sum(len(plan) for plan in videos), settings)
         chunk = settings.vision_chunk_size or DEFAULT_CHUNK_SIZE
-        return processor(messages, images=images, videos=videos, stream_video=True, stream_chunk_size=chunk)
+        return processor(messages, images=images, videos=videos, stream_video=True, stream_chunk_size=chunk, cut_enable=cut)
     texts = [message_text(message) for message in messages]
     found = [match.group(0) for text in texts for match in MEDIA_PATTERN.finditer(text)]
     wanted = [IMAGE_TOKEN if part.kind == "image" else VIDEO_TOKEN for part in media]
@@ -145,7 +148,7 @@ def process(
     inputs: list[MediumInput] = []
     images = videos = frames = 0
     for part, source in zip(media, sources):
-        view_settings = (part.kind, processor.image_size, processor.prompt_format, processor.cut_enable, processor.video_fps)
+        view_settings = (part.kind, processor.image_size, processor.prompt_format, cut, processor.video_fps)
         if part.kind == "video":
             view_settings += (part.max_frames, part.sampling)
         key = media_key(source, view_settings)
@@ -154,7 +157,7 @@ def process(
             medium = MediumInput(key, kept.placeholder, features=kept.features)
         elif part.kind == "image":
             image = load_checked_image(source, images, settings)
-            (placeholder,), (views,), _ = processor.expand_media([IMAGE_TOKEN], [image], [], processor.cut_enable, processor.video_fps, None)
+            (placeholder,), (views,), _ = processor.expand_media([IMAGE_TOKEN], [image], [], cut, processor.video_fps, None)
             medium = MediumInput(key, placeholder, views=views)
         else:
             plan = plan_checked_video(source, videos, processor.video_fps, part.max_frames, settings, part.sampling)
@@ -189,9 +192,11 @@ async def prepare_job(
     defaults: GenerationConfig | None = None,
     decode_gate: DecodeGate | None = None,
     media_cache: MediaCache | None = None,
+    cut_enable: bool | None = None,
 ) -> Job:
     """Check `request` against the limits, load its media (through `decode_gate` when given; media kept in
-    `media_cache` are not decoded again), process the prompt; 4xx `ApiError` when it cannot run.
+    `media_cache` are not decoded again), process the prompt (images cut into tiles as `cut_enable` says,
+    None: as the processor does); 4xx `ApiError` when it cannot run.
 
     Sampling fields the request leaves out take the model's generation defaults (`defaults`, its
     generation_config.json; greedy without one); a given `temperature` also sets sampling on (> 0) or
@@ -221,9 +226,9 @@ async def prepare_job(
     if media and decode_gate is not None:
         pixels = await run_in_threadpool(media_pixels, media, sources, settings)
         async with decode_gate.admit(pixels):
-            batch = await run_in_threadpool(process, messages, media, sources, processor, settings, media_cache)
+            batch = await run_in_threadpool(process, messages, media, sources, processor, settings, media_cache, cut_enable)
     else:
-        batch = await run_in_threadpool(process, messages, media, sources, processor, settings, media_cache)
+        batch = await run_in_threadpool(process, messages, media, sources, processor, settings, media_cache, cut_enable)
     prompt_tokens = batch["input_ids"].shape[1]
     if prompt_tokens + max_tokens > max_context:
         raise ApiError(
