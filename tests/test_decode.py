@@ -136,19 +136,23 @@ def test_generation_with_flash_visual_attention_is_unchanged(monkeypatch, fused)
 
 
 class RecordingStep(DecodeStep):
-    """An eager `DecodeStep` that records how it was made and, when made for a graph, refuses to grow
-    the cache as a graph must."""
+    """An eager `DecodeStep` that records how it was made and, when made for a graph, refuses what a
+    replayed graph cannot do: grow the cache, or run over other buffers than it was made over."""
 
     made: ClassVar[list[tuple[bool, int]]] = []
 
     def __init__(self, model, cache, visual, graph=False):
         super().__init__(model, cache, visual)
         self.graphed = graph
+        self.buffers = [t.data_ptr() for t in (*cache.keys, *cache.values, cache.valid, cache.positions)]
         RecordingStep.made.append((graph, cache.capacity - cache.length))
 
     def __call__(self, tokens):
         if self.graphed and self.cache.length >= self.cache.capacity:
             raise RuntimeError("a graphed step ran out of cache columns")
+        cache = self.cache
+        if self.graphed and [t.data_ptr() for t in (*cache.keys, *cache.values, cache.valid, cache.positions)] != self.buffers:
+            raise RuntimeError("a graphed step ran over other buffers than it was captured with")
         return super().__call__(tokens)
 
 
@@ -186,6 +190,48 @@ def test_decode_batch_graphs_settled_rows_with_room_reserved(monkeypatch):
     assert graphed and all(room > 0 for room in graphed)
     # eager after each change: join, join, leave (row 1 done), join, leave (row 0), leave (row 2)
     assert [graph for graph, _ in RecordingStep.made].count(False) >= 5
+
+
+def test_text_rows_join_and_leave_a_graphed_bucket_without_a_new_graph(monkeypatch):
+    """Rows without images take free slots of the batch-size bucket in place: after the first capture,
+    joins and leaves that fit reuse the graph (same buffers); the bucket grows to 4 slots and starts
+    again at 1 after the batch ran empty; the cache does not grow with the steps; every request gets the
+    tokens `generate` gives it alone."""
+    monkeypatch.setattr(batching, "DecodeStep", RecordingStep)
+    RecordingStep.made = []
+    model = random_model(tiny_config(fused_hyper_attention=False), seed=3)
+    g = torch.Generator().manual_seed(0)
+    # (prompt length, joins at step, tokens): a prompt longer than the batch so far joins at step 2, rows leave at
+    # different steps
+    plan = [(5, 0, 30), (3, 0, 12), (40, 2, 6), (4, 8, 10), (9, 14, 8), (2, 15, 40), (6, 20, 6), (3, 40, 30)]
+    plan += [(3, 70 + 6 * i, 8) for i in range(12)] + [(4, 73 + 6 * i, 5) for i in range(12)]  # a stream of short ones
+    requests = [(torch.randint(10, model.config.vocab_size, (1, n), generator=g), at, t) for n, at, t in plan]
+    expected = [generate(model, ids, max_new_tokens=t, stop_token_ids=[]).sequences[0].tolist() for ids, _, t in requests]
+    batch, rows, got, buckets, capacities = batching.DecodeBatch(model, graph_after=2, graphs=True), [], {}, [], []
+    with torch.no_grad():
+        for step in range(150):
+            for index, (ids, at, _) in enumerate(requests):
+                if at == step:
+                    logits, cache, _ = prefill(model, ids)
+                    batch.join(cache, None)
+                    rows.append((index, [int(logits[0].argmax())]))
+            if rows:
+                room = max(requests[index][2] - len(ids) for index, ids in rows)
+                logits = batch.step(torch.tensor([ids[-1] for _, ids in rows]), room=room)
+                for i, (_, ids) in enumerate(rows):
+                    ids.append(int(logits[i].argmax()))
+                buckets.append(batch.bucket)
+                capacities.append(batch.cache.capacity)
+            keep = [i for i, (index, ids) in enumerate(rows) if len(ids) < requests[index][2]]
+            got.update({index: ids for index, ids in rows if len(ids) >= requests[index][2]})
+            rows = [rows[i] for i in keep]
+            batch.keep(keep)
+    assert [got[i] for i in range(len(requests))] == expected
+    assert batch.size == 0 and batch.cache is None
+    assert buckets[0] == 2 and max(buckets) == 4 and 1 in buckets
+    graphs = sum(graph for graph, _ in RecordingStep.made)
+    assert graphs <= 8  # one per bucket and per cache that had to grow, not one per join or leave (64 of them)
+    assert max(capacities[-70:]) <= 64  # the last 70 steps: unused leading columns are dropped, so it does not grow
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["gated", "fused"])

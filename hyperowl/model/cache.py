@@ -109,6 +109,36 @@ class TextKVCache:
             self.valid = self.valid[:, start:]
             self.length -= start
 
+    def place(self, row: int, other: TextKVCache) -> None:
+        """Overwrite row `row` with the one row of `other`, right-aligned at this cache's write index, in
+        place (the buffers stay the same tensors). `other.length` must not exceed `length`."""
+        if other.length > self.length:
+            raise ValueError(f"a row of {other.length} columns does not fit before column {self.length}")
+        start = self.length - other.length
+        for mine, theirs in zip([*self.keys, *self.values], [*other.keys, *other.values]):
+            mine[row, :, start : self.length].copy_(theirs[0, :, : other.length])
+        self.valid[row].fill_(False)
+        self.valid[row, start : self.length].copy_(other.valid[0, : other.length])
+        self.positions[row] = other.positions[0]
+
+    def shift(self, columns: int) -> None:
+        """Move every row's columns by `columns` in place (the buffers stay the same tensors): right when
+        positive (room must be reserved), left when negative (the first `-columns` columns are dropped)."""
+        if columns == 0:
+            return
+        if self.length + columns > self.capacity or self.length + columns < 0:
+            raise ValueError(f"cannot shift {self.length} columns by {columns} in a capacity of {self.capacity}")
+        src, dst = (slice(0, self.length), slice(columns, self.length + columns)) if columns > 0 else (
+            slice(-columns, self.length), slice(0, self.length + columns))  # fmt: skip
+        for t in [*self.keys, *self.values]:
+            t[:, :, dst] = t[:, :, src].clone()
+        self.valid[:, dst] = self.valid[:, src].clone()
+        if columns > 0:
+            self.valid[:, :columns] = False
+        else:
+            self.valid[:, self.length + columns : self.length] = False
+        self.length += columns
+
     @staticmethod
     def concat(caches: list[TextKVCache]) -> TextKVCache:
         """One cache holding the rows of all `caches`, right-aligned at a common write index."""
