@@ -13,6 +13,7 @@ from hyperowl.engine.generate import DecodeStep, StagedPrefill, generate, prefil
 from hyperowl.model import decoder
 from hyperowl.model.owl3 import PixelStream
 from hyperowl.processing.stream import Prefetch
+from tests.arrivals import decode_arrivals
 from tests.test_long_video import many_images_batch
 from tests.tiny import random_model, tiny_config
 
@@ -168,24 +169,8 @@ def test_decode_batch_graphs_settled_rows_with_room_reserved(monkeypatch):
         if batch_in["pixel_values"].shape[0] == 0:
             batch_in["pixel_values"] = None
     expected = [generate(model, **b, max_new_tokens=t, stop_token_ids=[]).sequences[0].tolist() for b, _, t in requests]
-    batch, rows, got = batching.DecodeBatch(model, graph_after=2, graphs=True), [], {}
-    with torch.no_grad():
-        for step in range(30):
-            for index, (inputs, at, _) in enumerate(requests):
-                if at == step:
-                    logits, cache, visual = prefill(model, **inputs)
-                    batch.join(cache, visual)
-                    rows.append((index, [int(logits[0].argmax())]))
-            if rows:
-                room = max(requests[index][2] - len(ids) for index, ids in rows)
-                logits = batch.step(torch.tensor([ids[-1] for _, ids in rows]), room=room)
-                for i, (_, ids) in enumerate(rows):
-                    ids.append(int(logits[i].argmax()))
-            keep = [i for i, (index, ids) in enumerate(rows) if len(ids) < requests[index][2]]
-            got.update({index: ids for index, ids in rows if len(ids) >= requests[index][2]})
-            rows = [rows[i] for i in keep]
-            batch.keep(keep)
-    assert [got[i] for i in range(len(requests))] == expected
+    got = decode_arrivals(batching.DecodeBatch(model, graph_after=2, graphs=True), requests, 30)
+    assert got == expected
     graphed = [room for graph, room in RecordingStep.made if graph]
     assert graphed and all(room > 0 for room in graphed)
     # eager after each change: join, join, leave (row 1 done), join, leave (row 0), leave (row 2)
@@ -205,28 +190,11 @@ def test_text_rows_join_and_leave_a_graphed_bucket_without_a_new_graph(monkeypat
     # different steps
     plan = [(5, 0, 30), (3, 0, 12), (40, 2, 6), (4, 8, 10), (9, 14, 8), (2, 15, 40), (6, 20, 6), (3, 40, 30)]
     plan += [(3, 70 + 6 * i, 8) for i in range(12)] + [(4, 73 + 6 * i, 5) for i in range(12)]  # a stream of short ones
-    requests = [(torch.randint(10, model.config.vocab_size, (1, n), generator=g), at, t) for n, at, t in plan]
-    expected = [generate(model, ids, max_new_tokens=t, stop_token_ids=[]).sequences[0].tolist() for ids, _, t in requests]
-    batch, rows, got, buckets, capacities = batching.DecodeBatch(model, graph_after=2, graphs=True), [], {}, [], []
-    with torch.no_grad():
-        for step in range(150):
-            for index, (ids, at, _) in enumerate(requests):
-                if at == step:
-                    logits, cache, _ = prefill(model, ids)
-                    batch.join(cache, None)
-                    rows.append((index, [int(logits[0].argmax())]))
-            if rows:
-                room = max(requests[index][2] - len(ids) for index, ids in rows)
-                logits = batch.step(torch.tensor([ids[-1] for _, ids in rows]), room=room)
-                for i, (_, ids) in enumerate(rows):
-                    ids.append(int(logits[i].argmax()))
-                buckets.append(batch.bucket)
-                capacities.append(batch.cache.capacity)
-            keep = [i for i, (index, ids) in enumerate(rows) if len(ids) < requests[index][2]]
-            got.update({index: ids for index, ids in rows if len(ids) >= requests[index][2]})
-            rows = [rows[i] for i in keep]
-            batch.keep(keep)
-    assert [got[i] for i in range(len(requests))] == expected
+    requests = [({"input_ids": torch.randint(10, model.config.vocab_size, (1, n), generator=g)}, at, t) for n, at, t in plan]
+    expected = [generate(model, **inputs, max_new_tokens=t, stop_token_ids=[]).sequences[0].tolist() for inputs, _, t in requests]
+    batch, buckets, capacities = batching.DecodeBatch(model, graph_after=2, graphs=True), [], []
+    got = decode_arrivals(batch, requests, 150, lambda b: (buckets.append(b.bucket), capacities.append(b.cache.capacity)))
+    assert got == expected
     assert batch.size == 0 and batch.cache is None
     assert buckets[0] == 2 and max(buckets) == 4 and 1 in buckets
     graphs = sum(graph for graph, _ in RecordingStep.made)

@@ -27,7 +27,7 @@ import uvicorn
 from PIL import Image
 
 from hyperowl.engine.batching import DecodeBatch
-from hyperowl.engine.generate import Owl3ForCausalLM, prefill
+from hyperowl.engine.generate import Owl3ForCausalLM
 from hyperowl.engine.sampling import SamplingParams
 from hyperowl.processing.processor import Owl3Processor
 from hyperowl.processing.video import load_video
@@ -37,6 +37,7 @@ from hyperowl.serve.errors import ApiError
 from hyperowl.serve.media import fetch_remote
 from hyperowl.serve.scheduler import Job, Row
 from hyperowl.serve.settings import ServerSettings
+from tests.arrivals import decode_arrivals
 from tests.media import block_image, png_header, write_video
 from tests.server import free_port, stop, wait_ready
 
@@ -726,29 +727,11 @@ def test_mixed_batch_rows_equal_their_own_generation(ref: Reference) -> None:
         (user({"type": "image"}, {"type": "image"}, {"type": "text", "text": "Which picture?"}), [picture(1), picture(2)], 8, 8),
         ([{"role": "user", "content": "yes or no"}], [], 9, 6),
     ]
-    expected = []
-    for messages, images, _, tokens in requests:
-        out = model.generate(**processor(messages, images=images), max_new_tokens=tokens, stop_token_ids=[])
-        expected.append(out.sequences[0].tolist())
-    batch, rows, got, saw_no_visual = DecodeBatch(model), [], {}, False
-    with torch.inference_mode():
-        for step in range(40):
-            for index, (messages, images, at, _) in enumerate(requests):
-                if at == step:
-                    logits, cache, visual = prefill(model, **processor(messages, images=images))
-                    batch.join(cache, visual)
-                    rows.append((index, [int(logits[0].argmax())]))
-            if rows:
-                logits = batch.step(torch.tensor([ids[-1] for _, ids in rows]))
-                for i, (_, ids) in enumerate(rows):
-                    ids.append(int(logits[i].argmax()))
-            keep = [i for i, (index, ids) in enumerate(rows) if len(ids) < requests[index][3]]
-            got.update({index: ids for index, ids in rows if len(ids) >= requests[index][3]})
-            rows = [rows[i] for i in keep]
-            batch.keep(keep)
-            saw_no_visual |= bool(rows) and batch.visual is None
-    assert [got[i] for i in range(len(requests))] == expected
-    assert saw_no_visual and batch.size == 0
+    inputs = [(dict(processor(messages, images=images)), at, tokens) for messages, images, at, tokens in requests]
+    expected = [model.generate(**batch, max_new_tokens=t, stop_token_ids=[]).sequences[0].tolist() for batch, _, t in inputs]
+    batch, visual_rows = DecodeBatch(model), []
+    assert decode_arrivals(batch, inputs, 40, lambda b: visual_rows.append(b.visual is not None)) == expected
+    assert any(visual_rows) and not all(visual_rows) and batch.size == 0  # the visual K/V went when the last image row did
 
 
 def test_streamed_text_holds_back_stop_string_prefixes_and_partial_characters() -> None:
