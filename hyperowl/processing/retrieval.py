@@ -16,6 +16,10 @@ from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
 #: The question of the synthetic retrieval task, and the default one of `hyperowl rag ask`.
 RAG_QUESTION = "What is this called? Say which picture told you."
 
+#: Answer tokens of `hyperowl rag ask` unless said otherwise: room for the bundled model to walk 8
+#: retrieved descriptions (about 90 tokens).
+RAG_MAX_NEW_TOKENS = 128
+
 _CITATION = re.compile(r"\bpicture (\d+)\b", re.IGNORECASE)
 
 

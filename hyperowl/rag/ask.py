@@ -11,7 +11,7 @@ from hyperowl.engine.generate import Owl3ForCausalLM
 from hyperowl.engine.sampling import SamplingParams
 from hyperowl.processing.image import load_image
 from hyperowl.processing.processor import Owl3Processor
-from hyperowl.processing.retrieval import RAG_QUESTION, PromptItem, cited_pictures, rag_prompt
+from hyperowl.processing.retrieval import RAG_MAX_NEW_TOKENS, RAG_QUESTION, PromptItem, cited_pictures, rag_prompt
 from hyperowl.processing.video import load_video
 from hyperowl.rag.embed import PictureEmbedder
 from hyperowl.rag.index import RagIndex, Retrieved
@@ -82,7 +82,7 @@ class RagAnswerer:
         videos = [load_video(r.video, fps=self.processor.video_fps, max_frames=self.processor.max_frames)
                   for r in retrieved if r.video and not r.image]
         batch = self.processor(messages, images=images or None, videos=videos or None, cut_enable=False)
-        params = params or SamplingParams(max_new_tokens=64)
+        params = params or SamplingParams(max_new_tokens=RAG_MAX_NEW_TOKENS)
         out = self.model.generate(**batch.to(self.model.device, self.model.dtype), params=params,
                                   stop_token_ids=self.processor.stop_token_ids)
         n = int(out.num_generated[0])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hyperowl.cli import DEFAULT_MODEL, add_model_arguments, load_model_and_processor
 from hyperowl.engine.sampling import SamplingParams
-from hyperowl.processing.retrieval import RAG_QUESTION
+from hyperowl.processing.retrieval import RAG_MAX_NEW_TOKENS, RAG_QUESTION
 from hyperowl.rag.errors import RagError
 
 
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ask.add_argument("--index", type=Path, required=True)
     ask.add_argument("--image", type=Path, default=None, help="query picture")
     ask.add_argument("--k", type=int, default=4, help="retrieved items shown to the model")
-    ask.add_argument("--max-new-tokens", type=int, default=64)
+    ask.add_argument("--max-new-tokens", type=int, default=RAG_MAX_NEW_TOKENS)
     ask.add_argument("--json", action="store_true", help='print {"answer", "citations", "retrieved"}')
 
 
