@@ -1,7 +1,7 @@
 """CUDA correctness check of the long-input paths against the fp32 CPU model (tiny random config):
 chunked encoding, blocked cross-attention (mem-efficient/flash kernels on the GPU), pinned-CPU
 offload, fp8/bf16 visual K/V storage, bf16 model, greedy generation, CUDA-graph decode steps against
-eager ones, text rows joining and leaving the graphed slots of a serving batch; the bundled (trained) model in bf16 on the GPU against fp32 on the CPU (greedy tokens on
+eager ones, rows with and without images joining and leaving the graphed slots of a serving batch; the bundled (trained) model in bf16 on the GPU against fp32 on the CPU (greedy tokens on
 prompts of the synthetic tasks); then the 7B-shaped model in bf16 against the same model in fp32 (greedy tokens on random
 prompts with images and on text-only prompts, where transformers' Qwen2 with the same weights runs beside
 it as a peer; every first difference is checked for a near tie). Exit code 1 on any failure.
@@ -41,57 +41,60 @@ def random_model(fused: bool) -> Owl3ForCausalLM:
     return model.eval()
 
 
-def batch(model: Owl3ForCausalLM, device: str) -> dict[str, torch.Tensor]:
-    """Two left-padded rows with 9 and 3 images (runs of `<|image|>` between text)."""
-    g = torch.Generator().manual_seed(1)
+def batch(model: Owl3ForCausalLM, device: str, images: tuple[int, ...] = (9, 3), seed: int = 1) -> dict[str, torch.Tensor]:
+    """Left-padded rows with `images[b]` images each (runs of `<|image|>` between text)."""
+    g = torch.Generator().manual_seed(seed)
     rows = []
-    for n in (9, 3):
+    for n in images:
         ids = torch.randint(10, model.config.vocab_size, (4 + n + n // 2 + 5,), generator=g)
         ids[[4 + i + i // 2 for i in range(n)]] = IMG
         rows.append(ids)
     length = max(len(r) for r in rows)
-    ids = torch.zeros(2, length, dtype=torch.long)
+    ids = torch.zeros(len(images), length, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    offsets = torch.zeros(2, length, 2, dtype=torch.long)
+    offsets = torch.zeros(len(images), length, 2, dtype=torch.long)
     first = 0
-    for b, (row, n) in enumerate(zip(rows, (9, 3))):
+    for b, (row, n) in enumerate(zip(rows, images)):
         ids[b, length - len(row) :], mask[b, length - len(row) :] = row, 1
         is_img = (ids[b] == IMG) & mask[b].bool()
         offsets[b, :, 0], offsets[b, :, 1] = first, first + torch.cumsum(is_img, 0) - is_img.long()
         first += n
     s = model.config.vision_config.image_size
-    pixels = torch.randn(12, 3, s, s, generator=g)
+    pixels = torch.randn(sum(images), 3, s, s, generator=g)
     out = {"input_ids": ids, "attention_mask": mask, "media_offset": offsets, "pixel_values": pixels}
     # pixels stay on the host: a CUDA model copies them through its pinned side-stream upload (`uploaded`)
     return {k: v.to(device) if k != "pixel_values" else v for k, v in out.items()}
 
 
-def bucket_rows_match(model: Owl3ForCausalLM) -> tuple[bool, int]:
-    """Text rows joining and leaving a graphed `DecodeBatch` (slots of a batch-size bucket, the serving
-    path): whether every request gets the greedy tokens of its own eager generation, and how many decode
-    steps were replayed from a graph."""
-    g = torch.Generator().manual_seed(2)
-    plan = [(6, 0, 20), (3, 0, 9), (30, 3, 7), (4, 6, 14), (5, 6, 10), (2, 12, 16)]  # prompt length, joins at, tokens
-    requests = [(torch.randint(10, model.config.vocab_size, (1, n), generator=g).to(model.device), at, t) for n, at, t in plan]
-    want = [model.generate(ids, max_new_tokens=t, stop_token_ids=[], cuda_graph=False).sequences[0].tolist() for ids, at, t in requests]
-    batch, rows, got, replays = DecodeBatch(model, graph_after=2, graphs=True), [], {}, 0
+def bucket_rows_match(model: Owl3ForCausalLM, images: int) -> tuple[bool, int]:
+    """Rows joining and leaving a graphed `DecodeBatch` (slots of a batch-size bucket, the serving path),
+    `images` images each (0: text rows) but one with an image fewer: whether every request gets the greedy
+    tokens of its own eager generation, and how many decode steps were replayed from a graph."""
+    plan = [(images, 0, 20), (images, 0, 9), (images, 3, 7), (images, 6, 14), (max(images - 1, 0), 8, 10), (images, 12, 16)]
+    requests = [({k: v.to(model.device) if k != "pixel_values" else v for k, v in batch(model, "cpu", (n,), seed=i).items()}, at, t)
+                for i, (n, at, t) in enumerate(plan)]  # fmt: skip
+    for inputs, _, _ in requests:
+        if images == 0:
+            inputs["pixel_values"] = None
+    want = [model.generate(**inputs, max_new_tokens=t, stop_token_ids=[], cuda_graph=False).sequences[0].tolist() for inputs, at, t in requests]
+    batched, rows, got, replays = DecodeBatch(model, graph_after=2, graphs=True), [], {}, 0
     with torch.no_grad():
         for step in range(60):
-            for index, (ids, at, _) in enumerate(requests):
+            for index, (inputs, at, _) in enumerate(requests):
                 if at == step:
-                    logits, cache, _ = prefill(model, ids)
-                    batch.join(cache, None)
+                    logits, cache, visual = prefill(model, **inputs)
+                    batched.join(cache, visual)
                     rows.append((index, [int(logits[0].argmax())]))
             if rows:
                 room = max(requests[index][2] - len(ids) for index, ids in rows)
-                picked = batch.step(torch.tensor([ids[-1] for _, ids in rows]), room=room).argmax(-1).tolist()
-                replays += batch._graphed
+                picked = batched.step(torch.tensor([ids[-1] for _, ids in rows]), room=room).argmax(-1).tolist()
+                replays += batched._graphed
                 for (_, ids), token in zip(rows, picked):
                     ids.append(token)
             keep = [i for i, (index, ids) in enumerate(rows) if len(ids) < requests[index][2]]
             got.update({index: ids for index, ids in rows if len(ids) >= requests[index][2]})
             rows = [rows[i] for i in keep]
-            batch.keep(keep)
+            batched.keep(keep)
     return [got.get(i) for i in range(len(requests))] == want, replays
 
 
@@ -303,11 +306,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{'PASS' if ok else 'FAIL'} {'fused' if fused else 'gated'} {str(dtype)[6:]} CUDA-graph decode == eager: "
                 f"max |logit diff| {worst:.2e} (tol {tol}), greedy tokens {'equal' if same else 'differ'}"
             )
-        same, replays = bucket_rows_match(gpu.float())
-        ok = same and replays > 0
-        failures += not ok
-        print(f"{'PASS' if ok else 'FAIL'} {'fused' if fused else 'gated'} fp32 serving batch, text rows joining and leaving "
-              f"graphed bucket slots: tokens {'equal' if same else 'differ'} to each request's own generation, {replays} graphed steps")  # fmt: skip
+        for images in (0, 3):
+            same, replays = bucket_rows_match(gpu.float(), images)
+            ok = same and replays > 0
+            failures += not ok
+            print(f"{'PASS' if ok else 'FAIL'} {'fused' if fused else 'gated'} fp32 serving batch, rows with {images} images joining and "
+                  f"leaving graphed bucket slots: tokens {'equal' if same else 'differ'} to each request's own generation, "
+                  f"{replays} graphed steps")  # fmt: skip
         gpu.to(torch.bfloat16)
         one = {k: v[:1].cuda() for k, v in batch(cpu, "cpu").items() if k != "pixel_values"}
         one["pixel_values"] = batch(cpu, "cpu")["pixel_values"][:9].to(torch.bfloat16)

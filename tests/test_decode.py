@@ -145,15 +145,25 @@ class RecordingStep(DecodeStep):
     def __init__(self, model, cache, visual, graph=False):
         super().__init__(model, cache, visual)
         self.graphed = graph
-        self.buffers = [t.data_ptr() for t in (*cache.keys, *cache.values, cache.valid, cache.positions)]
+        self.buffers = self.pointers()
         RecordingStep.made.append((graph, cache.capacity - cache.length))
+
+    def pointers(self) -> list[int]:
+        cache, visual = self.cache, self.visual
+        tensors = [*cache.keys, *cache.values, cache.valid, cache.positions]
+        if visual is not None:
+            tensors += [*visual.keys, *visual.values, visual.num_images]
+        return [t.data_ptr() for t in tensors]
 
     def __call__(self, tokens):
         if self.graphed and self.cache.length >= self.cache.capacity:
             raise RuntimeError("a graphed step ran out of cache columns")
-        cache = self.cache
-        if self.graphed and [t.data_ptr() for t in (*cache.keys, *cache.values, cache.valid, cache.positions)] != self.buffers:
+        if self.graphed and self.pointers() != self.buffers:
             raise RuntimeError("a graphed step ran over other buffers than it was captured with")
+        if self.cross is not None:  # the plan must still hold for the rows' images
+            block, counts = self.cross.blocks[0], self.visual.num_images
+            if int(counts.max()) > block.num_images or (block.full and not bool((counts == block.num_images).all())):
+                raise RuntimeError("a step ran with a cross-attention plan that does not hold any more")
         return super().__call__(tokens)
 
 
@@ -169,12 +179,30 @@ def test_decode_batch_graphs_settled_rows_with_room_reserved(monkeypatch):
         if batch_in["pixel_values"].shape[0] == 0:
             batch_in["pixel_values"] = None
     expected = [generate(model, **b, max_new_tokens=t, stop_token_ids=[]).sequences[0].tolist() for b, _, t in requests]
-    got = decode_arrivals(batching.DecodeBatch(model, graph_after=2, graphs=True), requests, 30)
+    got = decode_arrivals(batching.DecodeBatch(model, graph_after=2, graphs=True, slots=False), requests, 30)
     assert got == expected
     graphed = [room for graph, room in RecordingStep.made if graph]
     assert graphed and all(room > 0 for room in graphed)
     # eager after each change: join, join, leave (row 1 done), join, leave (row 0), leave (row 2)
     assert [graph for graph, _ in RecordingStep.made].count(False) >= 5
+
+
+def test_image_rows_join_and_leave_bucket_slots_while_the_plan_holds(monkeypatch):
+    """Rows with 3 images each take and free slots without a new step (every slot, free ones included,
+    counts 3 images: one unmasked plan); a row with 2 images breaks that plan (a new, masked one), a row
+    with 5 images does not fit a slot (new buffers). The plan of every step holds for the rows' images, a
+    graphed step runs over the buffers it was made over, and every request gets its own tokens."""
+    monkeypatch.setattr(batching, "DecodeStep", RecordingStep)
+    RecordingStep.made = []
+    model = random_model(tiny_config(fused_hyper_attention=True), seed=3)
+    plan = [(3, 0, 12), (3, 0, 40), (3, 4, 10), (3, 9, 12), (3, 16, 9), (2, 20, 8), (5, 25, 6), (3, 27, 8)]  # images, at, tokens
+    requests = [(many_images_batch(model, (n,), seed=i), at, t) for i, (n, at, t) in enumerate(plan)]
+    expected = [generate(model, **inputs, max_new_tokens=t, stop_token_ids=[]).sequences[0].tolist() for inputs, _, t in requests]
+    made = []  # steps made so far, after each decode step
+    got = decode_arrivals(batching.DecodeBatch(model, graph_after=2, graphs=True), requests, 70, lambda b: made.append(len(RecordingStep.made)))
+    assert got == expected
+    assert made[6] == made[19] == 4  # joins at steps 9 and 16, leaves at 11 and 13: no new step
+    assert made[20] > made[19] and made[25] > made[24]  # the 2-image row, the 5-image row
 
 
 def test_text_rows_join_and_leave_a_graphed_bucket_without_a_new_graph(monkeypatch):

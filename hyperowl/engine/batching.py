@@ -1,23 +1,24 @@
 """Continuous batching: requests prefilled one by one (`hyperowl.engine.generate.prefill`) join a running decode batch and leave it when done.
 
 A `DecodeBatch` holds one text KV cache and one `VisualKV` for all running rows. A row without
-images gets an empty visual row (`num_images = 0`, zero-length K/V padded with zeros by
-`VisualKV.concat`), which the model treats as "sees no image"; when no running row has an image
-left, the batch drops its visual K/V altogether.
+images gets an empty visual row (`num_images = 0`), which the model treats as "sees no image"; when
+no running row has an image left, the batch drops its visual K/V altogether.
 
-On a GPU, once the batch's buffers have stayed the same for `graph_after` steps, the batch reserves
-the room its rows may still need and replays its decode step from a CUDA graph (`DecodeStep`).
+On a GPU, once the batch's decode step has stayed the same for `graph_after` steps, the batch reserves
+the room its rows may still need and replays the step from a CUDA graph (`DecodeStep`). The step stays
+the same while the buffers do and while its cross-attention plan (how many images it reads per row,
+and whether every row has that many: the unmasked, flash path) still holds.
 
-Rows without images live in slots (on a GPU): the text cache has a power-of-two number of rows (the
-batch-size bucket), a row that leaves frees its slot and a row that joins is copied into a free one,
-in place, so the captured graph of the bucket stays valid across joins and leaves (free slots decode a
-dummy token that nobody reads). The bucket grows when the slots are full and shrinks to fit after
-`shrink_after` steps with at most a quarter of them used, and columns that no row uses any more are dropped in place; only
-these, a row longer than the write index, or a cache that must grow change the buffers and need a new
-graph. A row with images makes the batch compact (every row a slot, no free ones): a decode step's
-cross-attention plan is fixed by the images each row has, so any join or leave there needs a new graph,
-which is captured once the rows have settled again, so a burst of arrivals does not pay a capture for
-every change.
+Rows live in slots (on a GPU): the caches have a power-of-two number of rows (the batch-size bucket), a
+row that leaves frees its slot and a row that joins is copied into a free one, in place, so the bucket's
+graph stays valid across joins and leaves (free slots decode a dummy token that nobody reads, over the
+images their last row left). New buffers, and so a new capture, come only when the bucket grows (when
+full) or shrinks (after `shrink_after` steps with at most a quarter of it used), when a joining prompt
+is longer than the write index allows, when a row brings more images than a slot holds or the text
+cache must grow. A new plan comes when a join breaks the old one (a row with another number of images
+where all had the same) or lets every row have the same number again. Columns that no row uses any more
+are dropped in place. A burst of arrivals does not pay a capture for every change: a changed step is
+captured once it has settled again.
 """
 
 from __future__ import annotations
@@ -33,12 +34,15 @@ if TYPE_CHECKING:
     from hyperowl.model.owl3 import Owl3Model
 
 
-def empty_visual(like: VisualKV, rows: int) -> VisualKV:
-    """A `VisualKV` of `rows` rows without images, shaped (layers, heads, dtype, device) like `like`."""
+def blank_visual(like: VisualKV, rows: int, images: int = 0) -> VisualKV:
+    """A `VisualKV` of `rows` rows shaped (layers, heads, dtype, device) like `like`, with zero K/V
+    counted as `images` images each (0: rows without images; more: free slots that keep a batch whose
+    rows all have that many images on one unmasked plan)."""
+    width = images * like.tokens_per_image
     return VisualKV(
-        [k.new_zeros(rows, k.shape[1], 0, k.shape[3]) for k in like.keys],
-        [v.new_zeros(rows, v.shape[1], 0, v.shape[3]) for v in like.values],
-        torch.zeros(rows, dtype=torch.long, device=like.num_images.device),
+        [k.new_zeros(rows, k.shape[1], width, k.shape[3]) for k in like.keys],
+        [v.new_zeros(rows, v.shape[1], width, v.shape[3]) for v in like.values],
+        torch.full((rows,), images, dtype=torch.long, device=like.num_images.device),
         like.tokens_per_image,
     )
 
@@ -51,8 +55,8 @@ def stack_visual(first: VisualKV | None, first_rows: int, second: VisualKV | Non
     assert like is not None
     return VisualKV.concat(
         [
-            first if first is not None else empty_visual(like, first_rows),
-            second if second is not None else empty_visual(like, second_rows),
+            first if first is not None else blank_visual(like, first_rows),
+            second if second is not None else blank_visual(like, second_rows),
         ]
     )
 
@@ -67,20 +71,22 @@ class DecodeBatch:
     def __init__(
         self, model: Owl3Model, graph_after: int = 4, graphs: bool | None = None, slots: bool | None = None, shrink_after: int = 64
     ) -> None:
-        """`graph_after`: steps with unchanged buffers before the step is captured in a CUDA graph;
+        """`graph_after`: steps with an unchanged decode step before it is captured in a CUDA graph;
         `graphs`: whether to capture at all (None: when the model is on a CUDA device); `slots`: whether
-        rows without images keep slots in a bucket (None: when graphs are captured); `shrink_after`:
-        steps with at most a quarter of the slots used before the bucket shrinks to fit."""
+        rows keep slots in a bucket (None: when graphs are captured); `shrink_after`: steps with at most
+        a quarter of the slots used before the bucket shrinks to fit."""
         self.model = model
         self.cache: TextKVCache | None = None
         self.visual: VisualKV | None = None
-        self._step: DecodeStep | None = None  # over the current buffers; rebuilt when they change
+        self.images: list[int] = []  # the images of each cache row (its slot), as `visual.num_images` has them
+        self._step: DecodeStep | None = None  # over the current buffers and plan; rebuilt when they change
+        self._plan: tuple[int, bool] = (0, True)  # the step's plan: images read per row, whether all have them
         self.graph_after = graph_after
         self.graphs = model.device.type == "cuda" if graphs is None else graphs
         self.slots = self.graphs if slots is None else slots
-        self.slot_of: list[int] = []  # the cache row of each running row, in row order
         self.shrink_after = shrink_after
-        self._steady = 0  # steps since the buffers last changed
+        self.slot_of: list[int] = []  # the cache row of each running row, in row order
+        self._steady = 0  # steps since the decode step was last made
         self._graphed = False  # whether `_step` was made to replay a graph
         self._sparse = 0  # steps in a row with at most a quarter of the slots used
 
@@ -90,30 +96,38 @@ class DecodeBatch:
 
     @property
     def bucket(self) -> int:
-        """Rows of the cache: running rows and free slots."""
+        """Rows of the caches: running rows and free slots."""
         return 0 if self.cache is None else self.cache.batch_size
 
     def _changed(self) -> None:
-        """The buffers are other tensors now: the step (and its graph) must be made again."""
+        """The buffers or the plan changed: the step (and its graph) must be made again."""
         self._step, self._steady, self._graphed = None, 0, False
+
+    def _counted(self) -> None:
+        """Refresh the host copy of every cache row's images (one read back, when the rows were rebuilt)."""
+        self.images = [] if self.visual is None else self.visual.num_images.tolist()
 
     def join(self, cache: TextKVCache, visual: VisualKV | None) -> None:
         """Append the rows of a prefilled `cache` (with `visual`, or None when it has no images)."""
         if self.cache is None:
             self._changed()
             self.cache, self.visual, self.slot_of = cache, visual, list(range(cache.batch_size))
+            self._counted()
             return
-        if self.slots and visual is None and self.visual is None and cache.batch_size == 1:
-            self._place(cache)
+        images = 0 if visual is None else int(visual.num_images.max())
+        width = 0 if self.visual is None else self.visual.keys[0].shape[2] // self.visual.tokens_per_image
+        if self.slots and cache.batch_size == 1 and (self.visual is not None or visual is None) and images <= width:
+            self._place(cache, visual, images)
             return
         self._compact(self.size)
         self.visual = stack_visual(self.visual, self.cache.batch_size, visual, cache.batch_size)
         self.cache = TextKVCache.concat([self.cache, cache])
         self.slot_of = list(range(self.cache.batch_size))
+        self._counted()
         self._changed()
 
-    def _place(self, cache: TextKVCache) -> None:
-        """Copy a one-row cache into a free slot (growing the bucket when there is none)."""
+    def _place(self, cache: TextKVCache, visual: VisualKV | None, images: int) -> None:
+        """Copy a one-row request into a free slot (growing the bucket when there is none)."""
         assert self.cache is not None
         if self.size == self.bucket:
             self._compact(1 << self.size.bit_length())  # the next power of two
@@ -125,20 +139,32 @@ class DecodeBatch:
             self.cache.shift(extra)
         slot = min(set(range(self.bucket)) - set(self.slot_of))
         self.cache.place(slot, cache)
+        if self.visual is not None:
+            self.visual.place(slot, visual)
+            self.images[slot] = images
+            most, full = self._plan
+            if self._step is not None and (max(self.images) > most or full != (min(self.images) == most)):
+                self._changed()  # the plan no longer holds, or all rows have the same images again
         self.slot_of.append(slot)
 
     def _compact(self, bucket: int) -> None:
-        """Rewrite the cache (and visual K/V) with the running rows first, in row order, then free slots
-        up to `bucket` rows; new buffers."""
+        """Rewrite the caches with the running rows first, in row order, then free slots up to `bucket`
+        rows (counted with the most images of a running row); new buffers."""
         assert self.cache is not None
-        if self.slot_of != list(range(self.bucket)) or bucket != self.bucket:
-            self.cache.select(self.slot_of)
+        if self.slot_of == list(range(self.bucket)) and bucket == self.bucket:
+            return
+        self.cache.select(self.slot_of)
+        if self.visual is not None:
+            self.visual = self.visual.select(self.slot_of)
+        free = bucket - self.size
+        if free > 0:
+            self.cache = TextKVCache.concat([self.cache, self.model.new_cache(free, 0)])
             if self.visual is not None:
-                self.visual = self.visual.select(self.slot_of)
-            if bucket > self.size:
-                self.cache = TextKVCache.concat([self.cache, self.model.new_cache(bucket - self.size, 0)])
-            self.slot_of = list(range(self.size))
-            self._changed()
+                most = max(self.images[slot] for slot in self.slot_of)
+                self.visual = VisualKV.concat([self.visual, blank_visual(self.visual, free, most)])
+        self.slot_of = list(range(self.size))
+        self._counted()
+        self._changed()
 
     def keep(self, rows: list[int]) -> None:
         """Keep only `rows` (indices into the current rows, in order)."""
@@ -147,17 +173,20 @@ class DecodeBatch:
         self.slot_of = [self.slot_of[i] for i in rows]
         if not rows:
             self.cache = self.visual = None
+            self.images = []
             self._changed()
             return
-        if self.slots and self.visual is None:
+        if self.visual is not None and not any(self.images[slot] for slot in self.slot_of):
+            self._compact(self.size)  # no running row has images left: decode without visual K/V
+            self.visual, self.images = None, []
+            self._changed()
+            return
+        if self.slots:  # freed slots keep their last row's images, so the plan still holds
             free = sorted(set(range(self.bucket)) - set(self.slot_of))
             self.cache.valid[free] = False
             self._drop_unused_columns()
             return
         self._compact(self.size)
-        if self.visual is not None and not bool(self.visual.num_images.any()):
-            self.visual = None
-            self._changed()
 
     def _drop_unused_columns(self) -> None:
         """Drop, in place, the leading columns no running row uses once they are half the capacity."""
@@ -183,6 +212,7 @@ class DecodeBatch:
             self._changed()
         if self._step is None:
             self._step = DecodeStep(self.model, self.cache, self.visual)
+            self._plan = (max(self.images, default=0), min(self.images, default=0) == max(self.images, default=0))
         elif self.graphs and room is not None and not self._graphed and self._steady >= self.graph_after:
             self.cache.reserve(room)
             self._step, self._graphed = DecodeStep(self.model, self.cache, self.visual, graph=True), True

@@ -232,6 +232,19 @@ class VisualKV:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
+    def place(self, row: int, other: VisualKV | None) -> None:
+        """Overwrite row `row` with the one row of `other` (None: a row without images), in place (the
+        buffers stay the same tensors). `other`'s images must fit in this row's width."""
+        width = 0 if other is None else other.keys[0].shape[2]
+        if width > self.keys[0].shape[2]:
+            raise ValueError(f"a row of {width} visual tokens does not fit in {self.keys[0].shape[2]}")
+        if other is not None:
+            for mine, theirs in zip([*self.keys, *self.values], [*other.keys, *other.values]):
+                mine[row, :, :width].copy_(theirs[0], non_blocking=True)
+            self.num_images[row] = other.num_images[0]
+        else:
+            self.num_images[row] = 0
+
     def select(self, rows: torch.Tensor | list[int]) -> VisualKV:
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.num_images.device)
         keep = int(self.num_images[rows].max()) * self.tokens_per_image if len(rows) else 0
