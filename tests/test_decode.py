@@ -205,6 +205,19 @@ def test_image_rows_join_and_leave_bucket_slots_while_the_plan_holds(monkeypatch
     assert made[20] > made[19] and made[25] > made[24]  # the 2-image row, the 5-image row
 
 
+def test_a_row_that_fits_the_slots_still_fits_when_the_bucket_grows():
+    """A 5-image row leaves and a 3-image row takes its slot (still 5 images wide); when a 5-image row
+    joins the full bucket, the grown bucket's slots are made 5 images wide again, not trimmed to the
+    running rows' 3."""
+    model = random_model(tiny_config(fused_hyper_attention=False), seed=3)
+    plan = [(5, 0, 3), (3, 0, 12), (3, 4, 10), (5, 6, 6)]  # images, at, tokens
+    requests = [(many_images_batch(model, (n,), seed=i), at, t) for i, (n, at, t) in enumerate(plan)]
+    expected = [generate(model, **inputs, max_new_tokens=t, stop_token_ids=[]).sequences[0].tolist() for inputs, _, t in requests]
+    buckets = []
+    got = decode_arrivals(batching.DecodeBatch(model, slots=True), requests, 20, lambda b: buckets.append(b.bucket))
+    assert got == expected and buckets[:7] == [2, 2, 2, 2, 2, 2, 4]
+
+
 def test_text_rows_join_and_leave_a_graphed_bucket_without_a_new_graph(monkeypatch):
     """Rows without images take free slots of the batch-size bucket in place: after the first capture,
     joins and leaves that fit reuse the graph (same buffers); the bucket grows to 4 slots and starts

@@ -130,7 +130,7 @@ class DecodeBatch:
         """Copy a one-row request into a free slot (growing the bucket when there is none)."""
         assert self.cache is not None
         if self.size == self.bucket:
-            self._compact(1 << self.size.bit_length())  # the next power of two
+            self._compact(1 << self.size.bit_length(), images)  # the next power of two
         if cache.length > self.cache.length:  # make room before the write index for the longer row
             extra = cache.length - self.cache.length
             if self.cache.length + extra > self.cache.capacity:
@@ -147,9 +147,10 @@ class DecodeBatch:
                 self._changed()  # the plan no longer holds, or all rows have the same images again
         self.slot_of.append(slot)
 
-    def _compact(self, bucket: int) -> None:
+    def _compact(self, bucket: int, images: int = 0) -> None:
         """Rewrite the caches with the running rows first, in row order, then free slots up to `bucket`
-        rows (counted with the most images of a running row); new buffers."""
+        rows, counted with the most images of a running row or `images` (the row about to join), so that
+        the slots hold that many; new buffers."""
         assert self.cache is not None
         if self.slot_of == list(range(self.bucket)) and bucket == self.bucket:
             return
@@ -160,7 +161,7 @@ class DecodeBatch:
         if free > 0:
             self.cache = TextKVCache.concat([self.cache, self.model.new_cache(free, 0)])
             if self.visual is not None:
-                most = max(self.images[slot] for slot in self.slot_of)
+                most = max([images] + [self.images[slot] for slot in self.slot_of])
                 self.visual = VisualKV.concat([self.visual, blank_visual(self.visual, free, most)])
         self.slot_of = list(range(self.size))
         self._counted()
