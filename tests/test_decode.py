@@ -218,6 +218,28 @@ def test_a_row_that_fits_the_slots_still_fits_when_the_bucket_grows():
     assert got == expected and buckets[:7] == [2, 2, 2, 2, 2, 2, 4]
 
 
+@pytest.mark.parametrize("seed", [0, 1, 5])
+def test_random_arrivals_in_graphed_slots_answer_as_alone(monkeypatch, seed):
+    """Random arrivals (0-4 images, 2-14 tokens, some at once, a few runs of an empty batch) through a
+    graphed, slotted batch that shrinks fast: every step's plan holds and every graphed step keeps its
+    buffers (`RecordingStep`), and every request gets the tokens of its own generation."""
+    import random
+
+    monkeypatch.setattr(batching, "DecodeStep", RecordingStep)
+    rng = random.Random(seed)
+    model = random_model(tiny_config(fused_hyper_attention=bool(seed % 2)), seed=3)
+    plan = sorted((rng.choice([0, 0, 1, 2, 3, 3, 4]), rng.randrange(60), rng.randint(2, 14)) for _ in range(18))
+    requests = []
+    for i, (n, at, t) in enumerate(plan):
+        inputs = many_images_batch(model, (n,), seed=100 * seed + i)
+        if n == 0:
+            inputs["pixel_values"] = None
+        requests.append((inputs, at, t))
+    expected = [generate(model, **inputs, max_new_tokens=t, stop_token_ids=[]).sequences[0].tolist() for inputs, _, t in requests]
+    batch = batching.DecodeBatch(model, graph_after=2, graphs=True, shrink_after=3)
+    assert decode_arrivals(batch, requests, 80) == expected
+
+
 def test_text_rows_join_and_leave_a_graphed_bucket_without_a_new_graph(monkeypatch):
     """Rows without images take free slots of the batch-size bucket in place: after the first capture,
     joins and leaves that fit reuse the graph (same buffers); the bucket grows to 4 slots and starts

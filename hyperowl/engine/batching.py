@@ -189,6 +189,12 @@ class DecodeBatch:
             return
         self._compact(self.size)
 
+    def _make_step(self, graph: bool) -> None:
+        """The decode step over the current buffers, with the plan of the rows' images as they are now."""
+        self._step, self._graphed = DecodeStep(self.model, self.cache, self.visual, graph=graph), graph
+        most = max(self.images, default=0)
+        self._plan = (most, min(self.images, default=0) == most)
+
     def _drop_unused_columns(self) -> None:
         """Drop, in place, the leading columns no running row uses once they are half the capacity."""
         assert self.cache is not None
@@ -212,11 +218,10 @@ class DecodeBatch:
             self.cache.reserve(room)  # a row that joined needs more room than the graph's cache has
             self._changed()
         if self._step is None:
-            self._step = DecodeStep(self.model, self.cache, self.visual)
-            self._plan = (max(self.images, default=0), min(self.images, default=0) == max(self.images, default=0))
+            self._make_step(graph=False)
         elif self.graphs and room is not None and not self._graphed and self._steady >= self.graph_after:
             self.cache.reserve(room)
-            self._step, self._graphed = DecodeStep(self.model, self.cache, self.visual, graph=True), True
+            self._make_step(graph=True)
         self._steady += 1
         compact = self.slot_of == list(range(self.bucket))
         slots = None if compact else torch.tensor(self.slot_of, device=device)
