@@ -80,7 +80,6 @@ class DecodeBatch:
         self.visual: VisualKV | None = None
         self.images: list[int] = []  # the images of each cache row (its slot), as `visual.num_images` has them
         self._step: DecodeStep | None = None  # over the current buffers and plan; rebuilt when they change
-        self._plan: tuple[int, bool] = (0, True)  # the step's plan: images read per row, whether all have them
         self.graph_after = graph_after
         self.graphs = model.device.type == "cuda" if graphs is None else graphs
         self.slots = self.graphs if slots is None else slots
@@ -142,9 +141,11 @@ class DecodeBatch:
         if self.visual is not None:
             self.visual.place(slot, visual)
             self.images[slot] = images
-            most, full = self._plan
-            if self._step is not None and (max(self.images) > most or full != (min(self.images) == most)):
-                self._changed()  # the plan no longer holds, or all rows have the same images again
+            plan = None if self._step is None else self._step.cross
+            if plan is not None:  # a decode plan is one block: the images it reads per row, whether all have them
+                most, full = plan.blocks[0].num_images, plan.blocks[0].full
+                if max(self.images) > most or full != (min(self.images) == most):
+                    self._changed()  # the plan no longer holds, or all rows have the same images again
         self.slot_of.append(slot)
 
     def _compact(self, bucket: int, images: int = 0) -> None:
@@ -189,12 +190,6 @@ class DecodeBatch:
             return
         self._compact(self.size)
 
-    def _make_step(self, graph: bool) -> None:
-        """The decode step over the current buffers, with the plan of the rows' images as they are now."""
-        self._step, self._graphed = DecodeStep(self.model, self.cache, self.visual, graph=graph), graph
-        most = max(self.images, default=0)
-        self._plan = (most, min(self.images, default=0) == most)
-
     def _drop_unused_columns(self) -> None:
         """Drop, in place, the leading columns no running row uses once they are half the capacity."""
         assert self.cache is not None
@@ -218,10 +213,10 @@ class DecodeBatch:
             self.cache.reserve(room)  # a row that joined needs more room than the graph's cache has
             self._changed()
         if self._step is None:
-            self._make_step(graph=False)
+            self._step = DecodeStep(self.model, self.cache, self.visual)
         elif self.graphs and room is not None and not self._graphed and self._steady >= self.graph_after:
             self.cache.reserve(room)
-            self._make_step(graph=True)
+            self._step, self._graphed = DecodeStep(self.model, self.cache, self.visual, graph=True), True
         self._steady += 1
         compact = self.slot_of == list(range(self.bucket))
         slots = None if compact else torch.tensor(self.slot_of, device=device)
