@@ -26,6 +26,7 @@ from hyperowl.model import decoder
 from hyperowl.model.owl3 import VisualOptions
 from hyperowl.processing.processor import Owl3Processor
 from hyperowl.synthetic.accuracy import greedy_agreement, parity_samples
+from tests.arrivals import decode_arrivals  # the greedy arrivals driver of the DecodeBatch tests
 
 IMG = 7
 
@@ -77,25 +78,9 @@ def bucket_rows_match(model: Owl3ForCausalLM, images: int) -> tuple[bool, int]:
         if images == 0:
             inputs["pixel_values"] = None
     want = [model.generate(**inputs, max_new_tokens=t, stop_token_ids=[], cuda_graph=False).sequences[0].tolist() for inputs, at, t in requests]
-    batched, rows, got, replays = DecodeBatch(model, graph_after=2, graphs=True), [], {}, 0
-    with torch.no_grad():
-        for step in range(60):
-            for index, (inputs, at, _) in enumerate(requests):
-                if at == step:
-                    logits, cache, visual = prefill(model, **inputs)
-                    batched.join(cache, visual)
-                    rows.append((index, [int(logits[0].argmax())]))
-            if rows:
-                room = max(requests[index][2] - len(ids) for index, ids in rows)
-                picked = batched.step(torch.tensor([ids[-1] for _, ids in rows]), room=room).argmax(-1).tolist()
-                replays += batched._graphed
-                for (_, ids), token in zip(rows, picked):
-                    ids.append(token)
-            keep = [i for i, (index, ids) in enumerate(rows) if len(ids) < requests[index][2]]
-            got.update({index: ids for index, ids in rows if len(ids) >= requests[index][2]})
-            rows = [rows[i] for i in keep]
-            batched.keep(keep)
-    return [got.get(i) for i in range(len(requests))] == want, replays
+    graphed: list[bool] = []
+    got = decode_arrivals(DecodeBatch(model, graph_after=2, graphs=True), requests, 60, lambda b: graphed.append(b._graphed))
+    return got == want, sum(graphed)
 
 
 def graph_matches_eager(model: Owl3ForCausalLM, inputs: dict[str, torch.Tensor], steps: int = 6) -> tuple[float, bool]:

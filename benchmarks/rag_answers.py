@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import sys
@@ -44,7 +45,7 @@ def score(answerer: RagAnswerer, folder: Path, queries: list[dict], k: int) -> d
         began = time.perf_counter()
         result = answerer.ask(image=folder / query["image"], k=k)
         latencies.append(time.perf_counter() - began)
-        names = query["name"] in result.answer.split(" ") or f" {query['name']}," in result.answer
+        names = re.search(rf"\b{query['name']}\b", result.answer) is not None
         cites = bool(result.citations) and all(c.item.text == described for c in result.citations)
         counts["names"] += names
         counts["cites"] += cites
