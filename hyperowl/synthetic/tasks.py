@@ -48,7 +48,7 @@ from dataclasses import dataclass, field, replace
 from PIL import Image
 
 from hyperowl.processing.choices import format_question, option_letter
-from hyperowl.processing.retrieval import RAG_QUESTION, PromptItem, rag_prompt
+from hyperowl.processing.retrieval import RAG_QUESTION, PromptItem, item_line, rag_prompt
 from hyperowl.processing.template import render_chat
 from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
 from hyperowl.synthetic.draw import COLOURS, SHAPES, digit_picture, scene_picture, shape_picture
@@ -246,7 +246,7 @@ def make_rag(rng: random.Random, opts: TaskOptions) -> Sample:
     images.append(shape_picture(rng, opts.image_size, *combos[target])[0])
     prompt = rag_prompt([PromptItem(t) for t in texts], RAG_QUESTION)
     colour, shape = combos[target]
-    walk = ", ".join(f"{i}: {text}" for i, text in enumerate(texts[: target + 1], 1))
+    walk = ", ".join(item_line(i, PromptItem(text, media="")).strip() for i, text in enumerate(texts[: target + 1], 1))
     answer = f"a {colour} {shape}: {walk}, picture {target + 1}"
     return Sample("rag", _qa(prompt, answer), images, answer=answer)
 
