@@ -6,10 +6,11 @@
    captured in a CUDA graph and replayed, variants interleaved round by round; error against an fp32 reference;
    bandwidth = K + V bytes over time.
 2. The SigLIP tower on a chunk of `--vision-frames` frames: eager (hyperowl), cuDNN attention, one fused QKV
-   product, each layer compiled with `torch.compile` (compile time reported apart); TFLOP/s against a bf16
-   8192^3 matrix product measured in the same run.
-3. Where one decode step's device time goes at `--frames` frames (eager step under the profiler, kernels summed by
-   name; a CUDA-graph replay runs the same kernels without the host gaps).
+   product, each layer compiled with `torch.compile` (compile time reported apart), and the products in fp8
+   (e4m3 with a scale per weight row and per activation row, `torch._scaled_mm`), eager and compiled; TFLOP/s
+   against a bf16 8192^3 matrix product measured in the same run, error against the eager bf16 tower.
+3. Where the time goes (kernels summed by name under the profiler): one eager decode step at `--frames` frames
+   (a CUDA-graph replay runs the same kernels without the host gaps) and one eager tower call.
 
 Writes `<out>/gpu_kernels_<preset>.{md,json}`.
 
@@ -176,6 +177,39 @@ def fuse_qkv(tower: SiglipVisionTower) -> None:
         attn.forward = forward.__get__(attn)
 
 
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x` `[M, K]` -> (`[M, K]` float8_e4m3fn, `[M, 1]` fp32 scales) with `x ~ fp8 * scale` row by row."""
+    scale = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def fp8_products(tower: SiglipVisionTower) -> None:
+    """Run every matrix product of the encoder layers in fp8: each weight quantized once with a scale per
+    output row, each activation on the fly with a scale per token, bf16 out (`torch._scaled_mm`, rowwise)."""
+
+    def forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        rows, scale = fp8_rows(x.reshape(-1, x.shape[-1]))
+        out = torch._scaled_mm(rows, self.fp8_weight.t(), scale_a=scale, scale_b=self.fp8_scale, bias=self.bias, out_dtype=x.dtype)
+        return out.view(*x.shape[:-1], -1)
+
+    for module in tower.encoder.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.fp8_weight, scale = fp8_rows(module.weight)
+            module.fp8_scale = scale.t().contiguous()  # [1, N]
+            module.forward = forward.__get__(module)
+
+
+def compile_each_layer(tower: SiglipVisionTower) -> SiglipVisionTower:
+    """A copy of `tower` with every encoder layer compiled."""
+    compiled = copy.deepcopy(tower)
+    for layer in compiled.encoder.layers:
+        layer.compile()
+    return compiled
+
+
 def matmul_tflops(device: torch.device, size: int = 8192, repeats: int = 10) -> float:
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
@@ -202,28 +236,34 @@ def vision_variants(preset_name: str, device: torch.device, frames: int, rounds:
     pixels = torch.randn(frames, 3, size, size, device=device, dtype=preset.dtype)
     fused = copy.deepcopy(eager)
     fuse_qkv(fused)
+    fp8 = copy.deepcopy(eager)
+    fp8_products(fp8)
     reference = eager(pixels).float()
     variants: dict[str, Callable[[], torch.Tensor]] = {
         "eager (hyperowl)": lambda: eager(pixels),
         "cuDNN attention": lambda: cudnn_context(lambda: eager(pixels)),
         "fused QKV product": lambda: fused(pixels),
+        "fp8 products (rowwise scales)": lambda: fp8(pixels),
     }
     compile_s = None
     if compile_layers:
-        compiled = copy.deepcopy(fused)
-        for layer in compiled.encoder.layers:
-            layer.compile()
+        compiled = compile_each_layer(fused)
         begin = time.perf_counter()
         compiled(pixels)
         synchronize(device)
         compile_s = time.perf_counter() - begin
         variants["fused QKV + torch.compile per layer"] = lambda: compiled(pixels)
+        compiled_fp8 = compile_each_layer(fp8)
+        variants["fp8 products + torch.compile per layer"] = lambda: compiled_fp8(pixels)
     rows: dict[str, dict[str, Any]] = {}
     timers = {}
     for name, fn in variants.items():
         try:
             out = fn()
-            rows[name] = {"max_rel_err": float((out.float() - reference).abs().max() / reference.abs().max())}
+            rows[name] = {
+                "max_rel_err": float((out.float() - reference).abs().max() / reference.abs().max()),
+                "min_cosine": float(F.cosine_similarity(out.float(), reference, dim=-1).min()),
+            }
             timers[name] = replay_timer(fn, device, calls=1, graph=False)  # long calls: launch gaps do not count
         except RuntimeError as exc:
             rows[name] = {"error": str(exc).splitlines()[0][:160]}
@@ -240,36 +280,67 @@ def cudnn_context(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         return fn()
 
 
-def step_profile(preset_name: str, device: torch.device, frames: int, top: int = 15) -> dict[str, Any]:
-    """Device time per kernel name of one eager static-shape decode step (`DecodeStep`, the step a CUDA
-    graph captures), mean over 3 profiled steps; on a CPU, operator self time."""
+def kernel_profile(fn: Callable[[], Any], device: torch.device, calls: int, top: int = 15) -> dict[str, Any]:
+    """Device time per kernel name over `calls` calls of `fn` (mean per call), the `top` largest; on a CPU,
+    operator self time."""
+    synchronize(device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+    attr = "device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    if device.type == "cuda":  # kernels only: operator rows double-count their kernels
+        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    rows = sorted(
+        ({"name": e.key[:90], "calls": e.count // calls, "us": getattr(e, attr) / calls} for e in events),
+        key=lambda r: -r["us"],
+    )
+    return {"total_us": sum(getattr(e, attr) for e in events) / calls, "kernels": rows[:top]}
+
+
+def step_profile(preset_name: str, device: torch.device, frames: int) -> dict[str, Any]:
+    """Kernels of one eager static-shape decode step (`DecodeStep`, the step a CUDA graph captures), mean
+    over 3 profiled steps."""
     preset = PRESETS_BENCH[preset_name]
     model = random_owl3(preset.config, preset.dtype, device)
     model.visual_options.chunk_size = preset.chunk_size
     frames_in = random_frames(frames, preset.config.vision_config.image_size, preset.dtype, device)
     logits, cache, visual = prefill(model, **owl3_batch(frames, device), pixel_values=frames_in, extra_tokens=8)
     step = DecodeStep(model, cache, visual)
-    token = step(logits.argmax(-1)).argmax(-1)
-    synchronize(device)
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    steps = 3
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(steps):
-            token = step(token).argmax(-1)
-        synchronize(device)
-    attr = "device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
-    if device.type == "cuda":  # kernels only: operator rows double-count their kernels
-        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    total = sum(getattr(e, attr) for e in events) / steps
-    rows = sorted(
-        ({"name": e.key[:90], "calls": e.count // steps, "us": getattr(e, attr) / steps} for e in events),
-        key=lambda r: -r["us"],
-    )
-    del model
-    return {"frames": frames, "total_us": total, "kernels": rows[:top]}
+    token = [step(logits.argmax(-1)).argmax(-1)]
+
+    def one_step() -> None:
+        token[0] = step(token[0]).argmax(-1)
+
+    return {"frames": frames, **kernel_profile(one_step, device, calls=3)}
+
+
+def tower_profile(preset_name: str, device: torch.device, frames: int) -> dict[str, Any]:
+    """Kernels of one eager tower call over `frames` frames (after a warm-up call)."""
+    preset = PRESETS_BENCH[preset_name]
+    vision = preset.config.vision_config
+    with torch.device(device):
+        tower = SiglipVisionTower(vision).to(preset.dtype).eval()
+    pixels = torch.randn(frames, 3, vision.image_size, vision.image_size, device=device, dtype=preset.dtype)
+    tower(pixels)
+    return {"frames": frames, **kernel_profile(lambda: tower(pixels), device, calls=1)}
+
+
+def kernel_lines(title: str, prof: dict[str, Any]) -> list[str]:
+    if "error" in prof:
+        return ["", f"{title}: profile not taken: {prof['error']}"]
+    return [
+        "",
+        f"### {title}: {prof['total_us'] / 1e3:.2f} ms of device time; the largest kernels",
+        "",
+        "| kernel | calls | us | share |",
+        "|---|---:|---:|---:|",
+        *(f"| `{r['name']}` | {r['calls']} | {r['us']:.0f} | {r['us'] / prof['total_us']:.0%} |" for r in prof["kernels"]),
+    ]
 
 
 def variant_rows(rows: dict[str, dict[str, Any]], columns: int, cells: Callable[[dict[str, Any]], list[str]]) -> list[str]:
@@ -305,27 +376,20 @@ def markdown(res: dict[str, Any]) -> str:
             f"matrix product in the same run: {res['matmul_tflops']:.0f} TFLOP/s"
         ),
         "",
-        "| variant | seconds | TFLOP/s | share of the matrix-product rate | max rel. error vs eager |",
-        "|---|---:|---:|---:|---:|",
+        "| variant | seconds | TFLOP/s | share of the bf16 matrix-product rate | max rel. error vs eager | least token cosine vs eager |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     peak = res["matmul_tflops"]
     lines += variant_rows(
-        vis["rows"], 4, lambda r: [f"{r['s']:.3f}", f"{r['TFLOPs']:.0f}", f"{r['TFLOPs'] / peak:.0%}", f"{r['max_rel_err']:.1e}"]
+        vis["rows"],
+        5,
+        lambda r: [f"{r['s']:.3f}", f"{r['TFLOPs']:.0f}", f"{r['TFLOPs'] / peak:.0%}", f"{r['max_rel_err']:.1e}", f"{r['min_cosine']:.4f}"],
     )
     if vis["compile_s"] is not None:
         lines += ["", f"Compiling the layers (first call) took {vis['compile_s']:.1f} s."]
-    if "error" in prof:
-        return "\n".join([*lines, "", f"Decode-step profile not taken: {prof['error']}", ""])
-    lines += [
-        "",
-        f"### One eager decode step at {prof['frames']} frames: {prof['total_us'] / 1e3:.2f} ms of device time; the largest kernels",
-        "",
-        "| kernel | calls per step | us per step | share |",
-        "|---|---:|---:|---:|",
-        *(f"| `{r['name']}` | {r['calls']} | {r['us']:.0f} | {r['us'] / prof['total_us']:.0%} |" for r in prof["kernels"]),
-        "",
-    ]
-    return "\n".join(lines)
+    lines += kernel_lines(f"One eager decode step at {prof['frames']} frames", prof)
+    lines += kernel_lines(f"One eager tower call over {res['tower_profile']['frames']} frames", res["tower_profile"])
+    return "\n".join([*lines, ""])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,10 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     res["matmul_tflops"] = matmul_tflops(device, 8192 if device.type == "cuda" else 512)
     res["vision"] = vision_variants(args.preset, device, args.vision_frames, args.rounds, not args.no_compile)
     torch.cuda.empty_cache() if device.type == "cuda" else None
-    try:
-        res["profile"] = step_profile(args.preset, device, args.frames)
-    except (RuntimeError, AttributeError) as exc:  # the profiler's event fields differ between releases
-        res["profile"] = {"frames": args.frames, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    for key, profile, frames in (("profile", step_profile, args.frames), ("tower_profile", tower_profile, args.vision_frames)):
+        try:
+            res[key] = profile(args.preset, device, frames)
+        except (RuntimeError, AttributeError) as exc:  # the profiler's event fields differ between releases
+            res[key] = {"frames": frames, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        torch.cuda.empty_cache() if device.type == "cuda" else None
     write_results(args.out, f"gpu_kernels_{args.preset}", markdown(res), res)
     return 0
 
