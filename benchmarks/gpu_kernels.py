@@ -9,8 +9,9 @@
    product, each layer compiled with `torch.compile` (compile time reported apart), and the products in fp8
    (e4m3 with a scale per weight row and per activation row, `torch._scaled_mm`), eager and compiled; TFLOP/s
    against a bf16 8192^3 matrix product measured in the same run, error against the eager bf16 tower.
-3. Where the time goes (kernels summed by name under the profiler): one eager decode step at `--frames` frames
-   (a CUDA-graph replay runs the same kernels without the host gaps) and one eager tower call.
+3. Where the time goes (kernels summed by name under the profiler): decoded frames -> first token at `--frames`
+   frames (with its wall time: the gap is host time), one eager decode step there (a CUDA-graph replay runs the
+   same kernels without the host gaps) and one eager tower call.
 
 Writes `<out>/gpu_kernels_<preset>.{md,json}`.
 
@@ -302,21 +303,36 @@ def kernel_profile(fn: Callable[[], Any], device: torch.device, calls: int, top:
     return {"total_us": sum(getattr(e, attr) for e in events) / calls, "kernels": rows[:top]}
 
 
-def step_profile(preset_name: str, device: torch.device, frames: int) -> dict[str, Any]:
-    """Kernels of one eager static-shape decode step (`DecodeStep`, the step a CUDA graph captures), mean
-    over 3 profiled steps."""
+def model_profiles(preset_name: str, device: torch.device, frames: int) -> dict[str, dict[str, Any]]:
+    """Kernels of decoded frames -> first token at `frames` frames (`prefill`: tower, visual K/V, text; after a
+    warm-up prefill), with its wall time beside the summed kernel time (the gap is host time), and of one
+    eager static-shape decode step (`DecodeStep`, the step a CUDA graph captures), mean over 3 steps."""
     preset = PRESETS_BENCH[preset_name]
     model = random_owl3(preset.config, preset.dtype, device)
     model.visual_options.chunk_size = preset.chunk_size
     frames_in = random_frames(frames, preset.config.vision_config.image_size, preset.dtype, device)
-    logits, cache, visual = prefill(model, **owl3_batch(frames, device), pixel_values=frames_in, extra_tokens=8)
+    batch = owl3_batch(frames, device)
+    made: list[Any] = []
+
+    def first_token() -> None:
+        made.clear()
+        made.extend(prefill(model, **batch, pixel_values=frames_in, extra_tokens=8))
+        made[0].argmax(-1).tolist()
+
+    first_token()
+    synchronize(device)
+    begin = time.perf_counter()
+    first_token()
+    wall_s = time.perf_counter() - begin
+    first = {"frames": frames, "wall_us": wall_s * 1e6, **kernel_profile(first_token, device, calls=1)}
+    logits, cache, visual = made
     step = DecodeStep(model, cache, visual)
     token = [step(logits.argmax(-1)).argmax(-1)]
 
     def one_step() -> None:
         token[0] = step(token[0]).argmax(-1)
 
-    return {"frames": frames, **kernel_profile(one_step, device, calls=3)}
+    return {"first_token_profile": first, "profile": {"frames": frames, **kernel_profile(one_step, device, calls=3)}}
 
 
 def tower_profile(preset_name: str, device: torch.device, frames: int) -> dict[str, Any]:
@@ -387,6 +403,12 @@ def markdown(res: dict[str, Any]) -> str:
     )
     if vis["compile_s"] is not None:
         lines += ["", f"Compiling the layers (first call) took {vis['compile_s']:.1f} s."]
+    first = res["first_token_profile"]
+    lines += kernel_lines(
+        f"Decoded frames -> first token at {first['frames']} frames"
+        + (f" ({first['wall_us'] / 1e3:.1f} ms wall)" if "wall_us" in first else ""),
+        first,
+    )
     lines += kernel_lines(f"One eager decode step at {prof['frames']} frames", prof)
     lines += kernel_lines(f"One eager tower call over {res['tower_profile']['frames']} frames", res["tower_profile"])
     return "\n".join([*lines, ""])
@@ -415,11 +437,14 @@ def main(argv: list[str] | None = None) -> int:
     res["matmul_tflops"] = matmul_tflops(device, 8192 if device.type == "cuda" else 512)
     res["vision"] = vision_variants(args.preset, device, args.vision_frames, args.rounds, not args.no_compile)
     torch.cuda.empty_cache() if device.type == "cuda" else None
-    for key, profile, frames in (("profile", step_profile, args.frames), ("tower_profile", tower_profile, args.vision_frames)):
+    for keys, profiles, frames in (
+        (("first_token_profile", "profile"), model_profiles, args.frames),
+        (("tower_profile",), lambda *a: {"tower_profile": tower_profile(*a)}, args.vision_frames),
+    ):
         try:
-            res[key] = profile(args.preset, device, frames)
+            res.update(profiles(args.preset, device, frames))
         except (RuntimeError, AttributeError) as exc:  # the profiler's event fields differ between releases
-            res[key] = {"frames": frames, "error": f"{type(exc).__name__}: {exc}"[:300]}
+            res.update({key: {"frames": frames, "error": f"{type(exc).__name__}: {exc}"[:300]} for key in keys})
         torch.cuda.empty_cache() if device.type == "cuda" else None
     write_results(args.out, f"gpu_kernels_{args.preset}", markdown(res), res)
     return 0
