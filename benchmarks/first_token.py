@@ -136,7 +136,11 @@ def baseline_rows(
             del frames
 
 
-def run(preset: Preset, device: torch.device, max_frames: int | None, skip_baseline: bool) -> dict[str, Any]:
+def run(
+    preset: Preset, device: torch.device, max_frames: int | None, skip_baseline: bool, compile_vision: bool = False
+) -> dict[str, Any]:
+    """All rows of one preset; with `compile_vision` every encoder layer of both systems' vision towers is
+    compiled (`torch.compile`), hyperowl's as `--compile-vision` does and the baselines' alike."""
     torch.set_grad_enabled(False)
     model = random_owl3(preset.config, preset.dtype, device)
     model.visual_options.chunk_size = preset.chunk_size
@@ -146,11 +150,18 @@ def run(preset: Preset, device: torch.device, max_frames: int | None, skip_basel
     cpu = device.type == "cpu"
     frames_list = [n for n in preset.frames if max_frames is None or n <= max_frames]
     base_list = [n for n in preset.baseline_frames if max_frames is None or n <= max_frames]
-    # warm-up (kernels, allocator, thread pools)
-    warm = random_frames(1, size, preset.dtype, device)
-    owl_first_token(model, 1, warm, False)
-    if llava is not None:
-        llava_first_token(llava, 1, warm, p, False)
+    if compile_vision:
+        model.vision_model.compile_layers()
+        if llava is not None:
+            for layer in llava.model.vision_tower.encoder.layers:
+                layer.compile()
+    # warm-up (kernels, allocator, thread pools; compiled towers: one image, then a batch size that makes
+    # the compiled graphs take any number of frames, so no timed call compiles)
+    for n in (1, 3) if compile_vision else (1,):
+        warm = random_frames(n, size, preset.dtype, device)
+        owl_first_token(model, n, warm, False)
+        if llava is not None:
+            llava_first_token(llava, n, warm, p, False)
     rows: dict[int, dict[str, Any]] = {}
     for n in sorted(set(frames_list) | set(base_list)):
         rows[n] = {"frames": n}
@@ -193,6 +204,7 @@ def run(preset: Preset, device: torch.device, max_frames: int | None, skip_basel
         "decode": {"frames": n_dec, "tokens": preset.decode_tokens, **decode},
         "fits": fits(rows, preset, model),
         "date": time.strftime("%Y-%m-%d %H:%M"),
+        "compiled_vision": compile_vision,
     }
     return results
 
@@ -230,6 +242,7 @@ def markdown(res: dict[str, Any]) -> str:
             f"Machine: {res['machine']}; dtype {res['dtype']}; {res['tokens_per_image']} visual tokens per frame; "
             f"random weights; {res['date']}. Latency = decoded frames in host memory -> first token (vision, "
             "visual K/V or visual tokens, LLM prefill). Peak = tensor memory above the weights."
+            + (" Every system's vision tower has its encoder layers compiled (`torch.compile`)." if res.get("compiled_vision") else "")
         ),
         "",
         (
@@ -315,10 +328,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-frames", type=int, default=None, help="skip frame counts above this (quick checks)")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument(
+        "--compile-vision", action="store_true", help="compile the vision towers' layers, of all systems (results: *_compiled-vision)"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
-    res = run(PRESETS_BENCH[args.preset], torch.device(args.device), args.max_frames, args.skip_baseline)
-    stem = write_results(args.out, f"first_token_{args.preset}", markdown(res), res)
+    res = run(PRESETS_BENCH[args.preset], torch.device(args.device), args.max_frames, args.skip_baseline, args.compile_vision)
+    suffix = "_compiled-vision" if args.compile_vision else ""
+    stem = write_results(args.out, f"first_token_{args.preset}{suffix}", markdown(res), res)
     plot(res, stem.with_suffix(".png"))
     return 0
 

@@ -23,7 +23,9 @@ if ! $py -c "import av" 2>/dev/null; then
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 film_dir=${FILM_DIR:-$HOME/.cache/hyperowl/films}
-# STAGES picks a subset (a rerun of what changed): cuda_check gpu_speed gpu_kernels first_token movie serve_load.
+# STAGES picks a subset (a rerun of what changed): cuda_check gpu_speed gpu_kernels first_token movie serve_load
+# first_token_compiled (first token against both baselines up to 400 frames, every vision tower compiled; not in
+# the default run either).
 # serve_load (GPU serving, 32 clients with 8 images each against one request at a time; about 4 minutes) is
 # not in the default run, which fits in 8 minutes: run it as STAGES="gpu_speed serve_load" (it writes
 # serve_speedup_<N>_clients into limits_7b.json).
@@ -47,6 +49,7 @@ fi
 want gpu_speed && timeout 140 $py -m benchmarks.gpu_speed --preset $preset --out "$out" $speed_args 2>&1 | tee "$out/gpu_speed_$preset.log"
 want gpu_kernels && timeout 150 $py -m benchmarks.gpu_kernels --preset $preset --out "$out" $kernel_args 2>&1 | tee "$out/gpu_kernels_$preset.log"
 want first_token && timeout 150 $py -m benchmarks.first_token --preset $preset --out "$out" 2>&1 | tee "$out/first_token_$preset.log"
+want first_token_compiled && timeout 150 $py -m benchmarks.first_token --preset $preset --out "$out" --compile-vision --max-frames 400 2>&1 | tee "$out/first_token_${preset}_compiled-vision.log"
 # The 2-hour 720p film is made once (about 20 min on 2 cores) and reused from --film-dir: carry it in FILM_DIR.
 want movie && timeout 170 $py -m benchmarks.movie --preset $preset --out "$out" $movie_args 2>&1 | tee "$out/movie_$preset.log"
 want serve_load && timeout 330 $py benchmarks/serve_load.py $serve_args --out "$out/serve_load_$preset.md" --limits "$out/limits_$preset.json" 2>&1 | tee "$out/serve_load_$preset.log"
