@@ -47,7 +47,7 @@ else
   want cuda_check && timeout 150 $py -m benchmarks.cuda_check 2>&1 | tee "$out/cuda_check.txt"
 fi
 want gpu_speed && timeout 140 $py -m benchmarks.gpu_speed --preset $preset --out "$out" $speed_args 2>&1 | tee "$out/gpu_speed_$preset.log"
-want gpu_kernels && timeout 150 $py -m benchmarks.gpu_kernels --preset $preset --out "$out" $kernel_args 2>&1 | tee "$out/gpu_kernels_$preset.log"
+want gpu_kernels && timeout 180 $py -m benchmarks.gpu_kernels --preset $preset --out "$out" $kernel_args 2>&1 | tee "$out/gpu_kernels_$preset.log"
 want first_token && timeout 150 $py -m benchmarks.first_token --preset $preset --out "$out" 2>&1 | tee "$out/first_token_$preset.log"
 want first_token_compiled && timeout 150 $py -m benchmarks.first_token --preset $preset --out "$out" --compile-vision --max-frames 400 2>&1 | tee "$out/first_token_${preset}_compiled-vision.log"
 # The 2-hour 720p film is made once (about 20 min on 2 cores) and reused from --film-dir: carry it in FILM_DIR.
