@@ -10,7 +10,7 @@
    (e4m3 with a scale per weight row and per activation row, `torch._scaled_mm`), eager and compiled; TFLOP/s
    against a bf16 8192^3 matrix product measured in the same run, error against the eager bf16 tower.
 3. Where the time goes (kernels summed by name under the profiler): decoded frames -> first token at `--frames`
-   frames (with its wall time: the gap is host time), one eager decode step there (a CUDA-graph replay runs the
+   frames (beside its wall time: the difference is time the GPU sat idle), one eager decode step there (a CUDA-graph replay runs the
    same kernels without the host gaps) and one eager tower call.
 
 Writes `<out>/gpu_kernels_<preset>.{md,json}`.
@@ -305,7 +305,7 @@ def kernel_profile(fn: Callable[[], Any], device: torch.device, calls: int, top:
 
 def model_profiles(preset_name: str, device: torch.device, frames: int) -> dict[str, dict[str, Any]]:
     """Kernels of decoded frames -> first token at `frames` frames (`prefill`: tower, visual K/V, text; after a
-    warm-up prefill), with its wall time beside the summed kernel time (the gap is host time), and of one
+    warm-up prefill), with its wall time beside the summed kernel time (the difference: the GPU idle), and of one
     eager static-shape decode step (`DecodeStep`, the step a CUDA graph captures), mean over 3 steps."""
     preset = PRESETS_BENCH[preset_name]
     model = random_owl3(preset.config, preset.dtype, device)
