@@ -239,8 +239,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"Decoded frames -> first token at {res['frames']} frames: {res['first_token_s']:.3f} s"
         + (f", {res['first_token_compiled_vision_s']:.3f} s with the compiled tower (`--compile-vision`)." if res.get("first_token_compiled_vision_s") else "."),
         "",
-        f"Vision tower alone, {res['frames']} frames ({res['vision_tflop']:.1f} TFLOP): "
-        + ", ".join(f"{k} {v:.3f} s ({res['vision_tflop'] / v:.0f} TFLOP/s)" for k, v in res["vision_s"].items())
+        f"Vision tower alone, {res['frames']} frames ({res['vision_tflop']:.3g} TFLOP): "
+        + ", ".join(f"{k} {v:.3f} s ({res['vision_tflop'] / v:.3g} TFLOP/s)" for k, v in res["vision_s"].items())
         + ".",
         "",
     ]
