@@ -10,7 +10,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,9 @@ from hyperowl.engine.sampling import SamplingParams, pick_tokens
 from hyperowl.errors import PromptError
 from hyperowl.model.cache import TextKVCache, VisualKV
 from hyperowl.model.owl3 import Owl3Model, PixelStream, prompt_positions
+
+if TYPE_CHECKING:
+    from hyperowl.processing.processor import Owl3Processor
 
 
 @dataclass
@@ -34,6 +37,16 @@ class GenerationOutput:
     total_s: float
     cache: TextKVCache | None = field(default=None, repr=False)
     visual: VisualKV | None = field(default=None, repr=False)
+
+    def answers(self, processor: Owl3Processor) -> list[str]:
+        """Each row's generated text without its closing stop token (`processor.stop_token_ids`),
+        decoded and stripped."""
+        texts = []
+        for row, n in zip(self.sequences.tolist(), self.num_generated):
+            if n and row[n - 1] in processor.stop_token_ids:
+                n -= 1
+            texts.append(processor.decode(row[:n]).strip())
+        return texts
 
 
 def default_stop_ids(model: Owl3Model) -> list[int]:

@@ -85,9 +85,5 @@ class RagAnswerer:
         params = params or SamplingParams(max_new_tokens=RAG_MAX_NEW_TOKENS)
         out = self.model.generate(**batch.to(self.model.device, self.model.dtype), params=params,
                                   stop_token_ids=self.processor.stop_token_ids)
-        n = int(out.num_generated[0])
-        row = out.sequences[0].tolist()
-        if n and row[n - 1] in self.processor.stop_token_ids:
-            n -= 1
-        answer = self.processor.decode(row[:n]).strip()
+        answer = out.answers(self.processor)[0]
         return RagAnswer(answer, cite(answer, retrieved), retrieved)

@@ -34,10 +34,7 @@ def answer_samples(
     out = model.generate(
         **batch.to(model.device, model.dtype), max_new_tokens=max_new_tokens, stop_token_ids=processor.stop_token_ids
     )
-    return [
-        processor.decode(row[: n - 1] if int(row[n - 1]) in processor.stop_token_ids else row[:n]).strip()
-        for row, n in zip(out.sequences.tolist(), out.num_generated)
-    ]
+    return out.answers(processor)
 
 
 @torch.inference_mode()
