@@ -185,12 +185,9 @@ class StagedPrefill:
         for `extra_tokens` more) and the visual K/V."""
         while not self.advance():
             pass
-        batch, length = self.input_ids.shape
-        cache = self.model.new_cache(batch, length + self.extra_tokens)
-        out = self.model(
-            self.input_ids, attention_mask=self.attention_mask, media_offset=self.media_offset, cache=cache, visual=self.visual, logits_to_keep=1
+        return prefill(
+            self.model, self.input_ids, self.attention_mask, self.media_offset, visual=self.visual, extra_tokens=self.extra_tokens
         )
-        return out.logits[:, -1], cache, self.visual
 
     def close(self) -> None:
         """Stop decoding frames that will not be used (a cancelled request)."""
