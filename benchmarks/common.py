@@ -164,6 +164,17 @@ def decode_start(model: Owl3ForCausalLM, n: int, tokens: int, keep_features: boo
     return DecodeStart(cache, out.visual, out.logits[:, -1].argmax(-1), features, positions)
 
 
+def vision_flops_per_image(config: Owl3Config) -> float:
+    """Multiply-add FLOPs x 2 of the tower for one image: patch embedding and the encoder layers that run
+    (all but the last, features = hidden_states[-2]): q/k/v/out projections, attention scores and
+    weighted sum, MLP."""
+    v = config.vision_config
+    p, h, i = v.tokens_per_image, v.hidden_size, v.intermediate_size
+    patch = 2 * p * h * 3 * v.patch_size**2
+    layer = 2 * p * (4 * h * h + 2 * h * i) + 2 * 2 * p * p * h
+    return patch + (v.num_hidden_layers - 1) * layer
+
+
 def interleaved(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
     """Run each function (returning seconds) once per round, in alternating order; the median of each."""
     results: dict[str, list[float]] = {name: [] for name in fns}

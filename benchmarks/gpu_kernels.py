@@ -43,6 +43,7 @@ from benchmarks.common import (
     random_frames,
     random_owl3,
     synchronize,
+    vision_flops_per_image,
     write_results,
 )
 from hyperowl.engine.generate import DecodeStep, prefill
@@ -206,8 +207,7 @@ def fp8_products(tower: SiglipVisionTower) -> None:
 def compile_each_layer(tower: SiglipVisionTower) -> SiglipVisionTower:
     """A copy of `tower` with every encoder layer compiled."""
     compiled = copy.deepcopy(tower)
-    for layer in compiled.encoder.layers:
-        layer.compile()
+    compiled.compile_layers()
     return compiled
 
 
@@ -216,15 +216,6 @@ def matmul_tflops(device: torch.device, size: int = 8192, repeats: int = 10) -> 
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     timer = replay_timer(lambda: a @ b, device, calls=repeats)
     return 2 * size**3 / statistics.median(timer() for _ in range(3)) / 1e12
-
-
-def tower_flops(config: Any, frames: int) -> float:
-    """Matrix-product FLOPs of the layers the tower runs (all but the last) for `frames` frames."""
-    v = config.vision_config
-    tokens, hidden = v.tokens_per_image, v.hidden_size
-    per_layer = 2 * tokens * (4 * hidden * hidden + 2 * hidden * v.intermediate_size) + 4 * tokens * tokens * hidden
-    patches = 2 * tokens * hidden * 3 * v.patch_size**2
-    return frames * ((v.num_hidden_layers - 1) * per_layer + patches)
 
 
 def vision_variants(preset_name: str, device: torch.device, frames: int, rounds: int, compile_layers: bool) -> dict[str, Any]:
@@ -269,7 +260,7 @@ def vision_variants(preset_name: str, device: torch.device, frames: int, rounds:
         except RuntimeError as exc:
             rows[name] = {"error": str(exc).splitlines()[0][:160]}
         print(f"vision {name}: {rows[name]}", flush=True)
-    flops = tower_flops(config, frames)
+    flops = frames * vision_flops_per_image(config)
     for name, seconds in interleaved(timers, rounds).items():
         rows[name].update(s=seconds, TFLOPs=flops / seconds / 1e12)
         print(f"vision {name}: {seconds * 1e3:.1f} ms, {flops / seconds / 1e12:.0f} TFLOP/s", flush=True)

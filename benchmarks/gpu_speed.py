@@ -31,9 +31,9 @@ from benchmarks.common import (
     random_frames,
     random_owl3,
     synchronize,
+    vision_flops_per_image,
     write_results,
 )
-from hyperowl.config import Owl3Config
 from hyperowl.engine.generate import Owl3ForCausalLM, generate, prefill, stream_tokens
 from hyperowl.engine.memory import visual_kv_bytes_per_image
 from hyperowl.engine.sampling import SamplingParams
@@ -57,17 +57,6 @@ def copy_bandwidth(device: torch.device, gib: float = 2.0, repeats: int = 10) ->
 def llm_weight_bytes(model: Owl3ForCausalLM) -> int:
     """Bytes of the language model's parameters (what a decode step streams; the embedding table counted whole)."""
     return sum(p.numel() * p.element_size() for p in model.language_model.parameters())
-
-
-def vision_flops_per_image(config: Owl3Config) -> float:
-    """Multiply-add FLOPs x 2 of the tower for one image: patch embedding and the encoder layers that run
-    (all but the last, features = hidden_states[-2]): q/k/v/out projections, attention scores and
-    weighted sum, MLP."""
-    v = config.vision_config
-    p, h, i = v.tokens_per_image, v.hidden_size, v.intermediate_size
-    patch = 2 * p * h * 3 * v.patch_size**2
-    layer = 2 * p * (4 * h * h + 2 * h * i) + 2 * 2 * p * p * h
-    return patch + (v.num_hidden_layers - 1) * layer
 
 
 def decode_rate(model: Owl3ForCausalLM, batch: dict[str, Any], tokens: int, graph: bool) -> float:
