@@ -17,6 +17,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
+from hyperowl.processing.processor import MEDIA_PATTERN
 from hyperowl.processing.retrieval import PromptItem, rag_prompt
 from hyperowl.processing.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
 from hyperowl.rag.ask import cite
@@ -35,7 +36,7 @@ def _parts(prompt: str, retrieved: list[Retrieved], query_url: str | None) -> li
     """`prompt` split at its placeholders into OpenAI content parts, pictures in placeholder order."""
     urls = iter([_data_uri(r.image or r.video) for r in retrieved if r.media] + ([query_url] if query_url else []))
     parts: list[dict[str, Any]] = []
-    for piece in re.split(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})", prompt):
+    for piece in re.split(f"({MEDIA_PATTERN.pattern})", prompt):
         if piece == IMAGE_TOKEN:
             parts.append({"type": "image_url", "image_url": {"url": next(urls)}})
         elif piece == VIDEO_TOKEN:
