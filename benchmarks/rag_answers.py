@@ -12,7 +12,7 @@ Retrieval returns the nearest items, so the k items often repeat one concept, un
 `rag` task's distinct ones. Latency is per question, end to end (embedding, search, prompt, vision,
 generation), torch on `--threads` threads.
 
-  python benchmarks/rag_answers.py --items 1000 --queries 200 --k 4 8
+  python -m benchmarks.rag_answers --items 1000 --queries 200 --k 4 8
 """
 
 from __future__ import annotations
